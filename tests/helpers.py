@@ -1,0 +1,96 @@
+"""Shared test helpers: tiny models, batches with mid-window resets, the oracle, tolerances."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Tuple
+
+import numpy as np
+import pytest
+
+from backends import reference as ref
+from backends.base import Batch, ModelSpec, OptimizerSpec, init_weights
+from benchmarks import registry
+
+TINY = ModelSpec(embed=8, hidden=16, layers=2)
+REQUIRE_ALL = os.environ.get("RESETBENCH_REQUIRE_ALL") == "1"
+
+
+def backend_names(include_oracle: bool = False):
+    names = sorted(registry.backend_configs())
+    return [n for n in names if include_oracle or n != "numpy"]
+
+
+def make_backend(name: str, spec: ModelSpec, weights, optimizer: OptimizerSpec, batch_size: int, **kw):
+    """Build a registered backend on the CPU. A missing framework skips the test, except under
+    RESETBENCH_REQUIRE_ALL=1 (CI), where it fails."""
+    cfg = registry.backend_configs()[name]
+    missing = registry.missing_requirements(cfg)
+    if missing:
+        if REQUIRE_ALL:
+            pytest.fail(f"backend {name} needs {missing} (RESETBENCH_REQUIRE_ALL=1)")
+        pytest.skip(f"backend {name} needs {missing}")
+    return registry.build_backend(cfg, spec, weights, optimizer, batch_size, device="cpu", **kw)
+
+
+def random_batch(rng: np.random.Generator, B: int, T: int, resets=(), pad_tail: int = 0,
+                 vocab: int = 257) -> Batch:
+    """Random ids; ``resets`` is a list of (row, t) positions; the last ``pad_tail`` columns of
+    row 0 are padding (mask 0)."""
+    x = rng.integers(0, vocab, size=(B, T)).astype(np.int32)
+    y = rng.integers(0, vocab, size=(B, T)).astype(np.int32)
+    mask = np.ones((B, T), np.float32)
+    if pad_tail:
+        mask[0, T - pad_tail:] = 0.0
+    reset = np.zeros((B, T), bool)
+    for b, t in resets:
+        reset[b, t] = True
+    return Batch(x, y, mask, reset).check()
+
+
+def mid_reset_batches(seed: int, B: int = 4, T: int = 9, n: int = 3):
+    """``n`` consecutive windows, each with mid-window resets in some rows and a row reset at
+    column 0 in the second window; no row resets everywhere, so state is carried."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        resets = [(0, 3 + k), (2, T - 2), (1, 5)]
+        if k == 1:
+            resets.append((3, 0))
+        resets = [(b, t) for b, t in resets if b < B and t < T]
+        out.append(random_batch(rng, B, T, resets, pad_tail=2 if k == 2 else 0))
+    return out
+
+
+def random_state(seed: int, spec: ModelSpec, B: int, scale: float = 0.5) -> Tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shape = (spec.layers, B, spec.hidden)
+    return ((rng.standard_normal(shape) * scale).astype(np.float32),
+            (rng.standard_normal(shape) * scale).astype(np.float32))
+
+
+def oracle(spec: ModelSpec, weights, optimizer: OptimizerSpec, B: int) -> ref.NumpyBackend:
+    """The NumPy reference in float64 (so its own rounding does not eat the tolerance)."""
+    return ref.NumpyBackend(spec, weights, optimizer, B, dtype="float64")
+
+
+def assert_close(actual, expected, name: str, rtol: float = 1e-4, atol_scale: float = 2e-5):
+    """float32 tolerance: |a - e| <= atol + rtol |e| with atol relative to the array's scale."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    atol = atol_scale * max(1.0, float(np.abs(expected).max(initial=0.0)))
+    err = np.abs(actual - expected) - (atol + rtol * np.abs(expected))
+    worst = float(err.max(initial=-1.0))
+    assert worst <= 0, (f"{name}: max abs diff {np.abs(actual - expected).max():.3g} "
+                        f"exceeds tolerance (atol {atol:.2g}, rtol {rtol})")
+
+
+def tiny_weights(seed: int = 0, spec: ModelSpec = TINY) -> Dict[str, np.ndarray]:
+    """Canonical weights with non-trivial biases (so a gate-order slip cannot hide)."""
+    w = init_weights(spec, seed)
+    rng = np.random.default_rng(seed + 1)
+    for k in w:
+        if k.endswith(".b"):
+            w[k] = (w[k] + rng.normal(0, 0.3, size=w[k].shape)).astype(np.float32)
+    return w
