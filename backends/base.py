@@ -15,7 +15,7 @@ import dataclasses
 import math
 import os
 from abc import ABC, abstractmethod
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -243,6 +243,13 @@ class Backend(ABC):
     @abstractmethod
     def get_weights(self) -> Dict[str, np.ndarray]:
         """The current weights as canonical float32 NumPy arrays."""
+
+    # -- compilation ---------------------------------------------------------------------------
+    def precompile(self, train_shapes: Sequence[Tuple[int, int]],
+                   eval_shapes: Sequence[Tuple[int, int]] = ()) -> None:
+        """Compile the train and eval steps for these ``(B, T)`` batch shapes ahead of the timed
+        loop, without changing weights, optimizer or carried state. The harness times this call
+        as part of ``compile_time_s``. Eager backends need not override it."""
 
     # -- environment -------------------------------------------------------------------------
     def synchronize(self) -> None:
