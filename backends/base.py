@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, value: Any, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{key}={value!r}: {allowed}")
+        shown = "null" if value is None else repr(value)
+        super().__init__(f"{key}={shown}: {allowed}")
 
 
 @dataclasses.dataclass(frozen=True)

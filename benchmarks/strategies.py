@@ -11,7 +11,6 @@ Every epoch visits every training sequence exactly once, in an order drawn from
 from __future__ import annotations
 
 import heapq
-import math
 from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 import numpy as np
@@ -41,8 +40,9 @@ def gather(corpus: Corpus, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.
     pos = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(P) - P, P)
     src = corpus.offsets[ids][which] + pos                       # byte index of target s_{pos+1}
     data = np.append(corpus.data, np.uint8(0))                   # guard for empty corpora
-    y = np.where(pos == n[which], BOUNDARY, data[np.minimum(src, len(data) - 1)]).astype(np.int32)
-    x = np.where(pos == 0, BOUNDARY, data[np.maximum(src - 1, 0)]).astype(np.int32)
+    boundary = np.int32(BOUNDARY)   # an int32 scalar: np.where must not cast 256 into uint8
+    y = np.where(pos == n[which], boundary, data[np.minimum(src, len(data) - 1)].astype(np.int32))
+    x = np.where(pos == 0, boundary, data[np.maximum(src - 1, 0)].astype(np.int32))
     return x, y, which, pos
 
 
@@ -91,11 +91,11 @@ class Layout:
 class Epoch:
     """An epoch's batches: ``len()`` is known up front, batches are built lazily on iteration."""
 
-    def __init__(self, n: int, make, meta: Dict[str, Any] | None = None):
-        self._n, self._make, self.meta = n, make, meta or {}
+    def __init__(self, shapes: List[Tuple[int, int]], make):
+        self.shapes, self._make = shapes, make    # the (B, T) of every batch, in order
 
     def __len__(self) -> int:
-        return self._n
+        return len(self.shapes)
 
     def __iter__(self) -> Iterator[Batch]:
         return self._make()
@@ -122,7 +122,7 @@ class Padded(Layout):
                 g = _rows_of(corpus, ids, B, _round_up(P[ids].max(), self.pad_multiple))
                 g["reset"][:, 0] = True
                 yield _batch(g)
-        return Epoch(len(groups), make)
+        return Epoch([(B, _round_up(P[ids].max(), self.pad_multiple)) for ids in groups], make)
 
 
 class ResetAll(Layout):
@@ -142,7 +142,7 @@ class ResetAll(Layout):
                 g["reset"][:, 0] = True
                 for t0 in range(0, width, T):
                     yield _batch(g, t0, t0 + T)
-        return Epoch(sum(w // T for w in widths), make)
+        return Epoch([(B, T)] * sum(w // T for w in widths), make)
 
 
 def balance_streams(lengths: np.ndarray, streams: int) -> np.ndarray:
@@ -197,7 +197,7 @@ class Packed(Layout):
         def make() -> Iterator[Batch]:
             for w in range(n):
                 yield _batch(g, w * T, (w + 1) * T)
-        return Epoch(n, make)
+        return Epoch([(self.B, T)] * n, make)
 
 
 LAYOUTS = {cls.name: cls for cls in (Padded, ResetAll, Packed)}
@@ -224,11 +224,3 @@ def epoch_stats(epoch: Epoch) -> Dict[str, float]:
         total += b.total_slots
     return {"valid_tokens": valid, "total_slots": total,
             "pad_fraction": 1.0 - valid / total if total else 0.0}
-
-
-def steps_per_epoch_hint(name: str, corpus: Corpus, batch_size: int, window: int) -> int:
-    """Rough step count of an epoch without building it (progress-bar totals)."""
-    tokens = int(corpus.positions.sum())
-    if name == "packed":
-        return max(1, math.ceil(tokens / (batch_size * window)))
-    return max(1, math.ceil(len(corpus) / batch_size))
