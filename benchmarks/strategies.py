@@ -25,25 +25,28 @@ def _round_up(n: int, m: int) -> int:
     return -(-int(n) // int(m)) * int(m)
 
 
-def gather(corpus: Corpus, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def gather(corpus: Corpus, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Input/target ids of sequences ``ids`` laid end to end.
 
     Sequence ``k`` of n bytes gives n + 1 positions: inputs ``[256, s_1..s_n]``, targets
-    ``[s_1..s_n, 256]``. Returns flat ``x``, ``y`` (int32), the index into ``ids`` of each
-    position, and each position's offset within its sequence.
+    ``[s_1..s_n, 256]``. Laid end to end, the targets are the inputs shifted left by one with a
+    final boundary, so one gather builds both. Returns flat ``x``, ``y`` (int32) and the flat
+    start position of each sequence.
     """
     ids = np.asarray(ids, np.int64)
-    n = corpus.lengths[ids]
-    P = n + 1
+    P = corpus.lengths[ids] + 1
+    starts = np.cumsum(P) - P
     total = int(P.sum())
-    which = np.repeat(np.arange(len(ids)), P)
-    pos = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(P) - P, P)
-    src = corpus.offsets[ids][which] + pos                       # byte index of target s_{pos+1}
-    data = np.append(corpus.data, np.uint8(0))                   # guard for empty corpora
-    boundary = np.int32(BOUNDARY)   # an int32 scalar: np.where must not cast 256 into uint8
-    y = np.where(pos == n[which], boundary, data[np.minimum(src, len(data) - 1)].astype(np.int32))
-    x = np.where(pos == 0, boundary, data[np.maximum(src - 1, 0)].astype(np.int32))
-    return x, y, which, pos
+    data = corpus.shifted_ids()
+    # flat position j of sequence k reads byte offsets[k] + (j - starts[k]) - 1, i.e. data[j + delta]
+    delta = corpus.offsets[ids] - starts
+    x = data[np.arange(total, dtype=np.int64) + np.repeat(delta, P)]
+    x[starts] = BOUNDARY
+    y = np.empty_like(x)
+    y[:-1] = x[1:]
+    if total:
+        y[-1] = BOUNDARY
+    return x, y, starts
 
 
 def _grid(rows: int, cols: int) -> Dict[str, np.ndarray]:
@@ -54,7 +57,10 @@ def _grid(rows: int, cols: int) -> Dict[str, np.ndarray]:
 def _rows_of(corpus: Corpus, ids: np.ndarray, rows: int, cols: int) -> Dict[str, np.ndarray]:
     """One sequence per row, left-aligned, padded with mask 0 to ``cols``."""
     g = _grid(rows, cols)
-    x, y, which, pos = gather(corpus, ids)
+    x, y, starts = gather(corpus, ids)
+    P = corpus.positions[np.asarray(ids, np.int64)]
+    which = np.repeat(np.arange(len(P)), P)
+    pos = np.arange(len(x)) - np.repeat(starts, P)
     g["x"][which, pos] = x
     g["y"][which, pos] = y
     g["mask"][which, pos] = 1.0
@@ -173,20 +179,19 @@ class Packed(Layout):
         # within a stream keep the random visiting order: sort by (stream, rank in order)
         seq_order = np.lexsort((np.arange(len(order)), stream))
         ids, stream, P = order[seq_order], stream[seq_order], P[seq_order]
-        loads = np.bincount(stream, weights=P, minlength=B).astype(np.int64)
+        loads = np.bincount(stream, minlength=B, weights=P).astype(np.int64)
         width = max(_round_up(int(loads.max()) if len(loads) else 0, T), T)
         g = _grid(B, width)
-        x, y, which, pos = gather(corpus, ids)
-        # each sequence's start column within its stream: exclusive cumsum per stream
-        csum = np.cumsum(P)
-        stream_first = np.searchsorted(stream, np.arange(B))             # index of stream's 1st seq
-        before = np.concatenate([[0], csum])[stream_first]               # positions before stream
-        col0 = (csum - P) - before[stream]
-        rows, cols = stream[which], col0[which] + pos
-        g["x"][rows, cols] = x
-        g["y"][rows, cols] = y
-        g["mask"][rows, cols] = 1.0
-        g["reset"][rows, cols] = pos == 0
+        x, y, starts = gather(corpus, ids)                  # streams are contiguous in x, y
+        reset = np.zeros(len(x), bool)
+        reset[starts] = True
+        begin = 0
+        for b, load in enumerate(loads.tolist()):           # one copy per stream
+            g["x"][b, :load] = x[begin:begin + load]
+            g["y"][b, :load] = y[begin:begin + load]
+            g["reset"][b, :load] = reset[begin:begin + load]
+            g["mask"][b, :load] = 1.0
+            begin += load
         return g
 
     def epoch(self, corpus: Corpus, epoch: int = 0) -> Epoch:
