@@ -195,14 +195,14 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
             "step_time_median_s": None, "train_loss_last": acc["loss"],
             "harness_overhead_fraction": (max(train_elapsed - acc["step_time"], 0.0) / train_elapsed)
             if acc["step"] and train_elapsed > 0 else None,
-            "peak_mem_bytes": backend.peak_memory_bytes() or peak_rss_bytes(),
-            "peak_mem_kind": "device" if backend.peak_memory_bytes() else "host_rss",
+            **_peak_memory(backend),
             "eval_time_s": acc["eval_time"],
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
         return summary
 
     step_times: List[float] = []
+    step_rates: List[float] = []
 
     def do_eval() -> Tuple[float, int]:
         t0 = time.perf_counter()
@@ -268,6 +268,7 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
                     acc["timed_valid"] += valid
                     acc["timed_time"] += dt
                     step_times.append(dt)
+                    step_rates.append(valid / dt if dt > 0 else 0.0)
                 else:
                     acc["compile"] += dt
                 writer.step((acc["step"], acc["epoch"], f"{loss:.6f}", valid, slots, f"{dt:.6f}",
@@ -306,12 +307,22 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
     eval_loss, eval_tokens = do_eval()
     writer.weights(backend.get_weights())
     result = fill("completed", stop_reason)
-    result.update({"step_time_median_s": median, "eval_loss": eval_loss, "eval_tokens": eval_tokens,
+    result.update({"step_time_median_s": median,
+                   "valid_tokens_per_s_median": float(np.median(step_rates)) if step_rates else None,
+                   "eval_loss": eval_loss, "eval_tokens": eval_tokens,
                    "eval_bits_per_byte": eval_loss / math.log(2)})
     writer.summary(result)
     writer.close()
     echo(format_summary(result, out_dir))
     return result
+
+
+def _peak_memory(backend: Backend) -> Dict[str, Any]:
+    """Peak device memory on an accelerator, else the process's peak resident memory."""
+    device_peak = backend.peak_memory_bytes()
+    if device_peak is not None:
+        return {"peak_mem_bytes": int(device_peak), "peak_mem_kind": "device"}
+    return {"peak_mem_bytes": peak_rss_bytes(), "peak_mem_kind": "host_rss"}
 
 
 def _fmt(value: Any, spec: str, none: str = "-") -> str:
