@@ -68,7 +68,7 @@ def _existing_file(key: str, path: Any) -> None:
 KNOWN_KEYS = {
     "": {"backend", "strategy", "data", "model", "train", "eval", "device", "experiment"},
     "model": {"embed", "hidden", "layers", "init"},
-    "train": {"batch_size", "window", "steps", "epochs", "time_budget_s", "warmup_steps", "optimizer",
+    "train": {"batch_size", "window", "steps", "epochs", "time_budget_s", "max_valid_tokens", "warmup_steps", "optimizer",
               "lr", "clip_norm", "seed", "log_every", "progress"},
     "eval": {"batch_size", "window", "every_steps"},
 }
@@ -116,9 +116,10 @@ def validate(cfg: Mapping[str, Any]) -> None:
     steps = positive_int(cfg, "train.steps", allow_none=True, minimum=0)
     epochs = positive_int(cfg, "train.epochs", allow_none=True)
     budget = positive_float(cfg, "train.time_budget_s", allow_none=True)
-    if steps is None and epochs is None and budget is None:
-        raise ConfigError("train.steps", None, "set train.steps, train.epochs or train.time_budget_s "
-                          "(all three are null, so training would never stop)")
+    tokens = positive_int(cfg, "train.max_valid_tokens", allow_none=True)
+    if steps is None and epochs is None and budget is None and tokens is None:
+        raise ConfigError("train.steps", None, "set train.steps, train.epochs, train.time_budget_s or "
+                          "train.max_valid_tokens (all are null, so training would never stop)")
     positive_int(cfg, "train.warmup_steps", minimum=0)
     positive_int(cfg, "eval.every_steps", allow_none=True)
     one_of(cfg, "train.optimizer", OPTIMIZERS)

@@ -161,6 +161,7 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
     steps_limit = math.inf if steps_limit is None else int(steps_limit)
     epochs_limit = t_cfg.get("epochs")
     budget = t_cfg.get("time_budget_s")
+    token_budget = t_cfg.get("max_valid_tokens")
     warmup = int(t_cfg["warmup_steps"])
     eval_every = e_cfg.get("every_steps")
     log_every = int(t_cfg["log_every"])
@@ -250,6 +251,9 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
                     break
                 if budget is not None and elapsed() >= float(budget):
                     stop_reason = "time_budget"
+                    break
+                if token_budget is not None and acc["valid"] >= int(token_budget):
+                    stop_reason = "token_budget"
                     break
                 t0 = time.perf_counter()
                 loss_value = backend.train_step(batch)

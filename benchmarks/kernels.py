@@ -48,7 +48,7 @@ def native_torch_step(spec: ModelSpec, B: int, T: int, threads=None) -> Callable
         loss = torch.nn.functional.cross_entropy(head(out).reshape(-1, spec.vocab), y.reshape(-1))
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
     return step
 
 

@@ -1,0 +1,53 @@
+"""The README example: per-sample resets in a stateful Keras model trained with train_on_batch.
+
+What keras-team/keras#2750 asked for in 2016: a boolean vector per sample passed with each
+``train_on_batch``, resetting only those rows (here also in the middle of a window, #11175).
+Packed streams hold many sequences per row; each sequence starts from a zero state.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("keras") is None:
+    pytest.skip("backend keras needs tensorflow and keras", allow_module_level=True)
+
+
+def test_readme_example_loss_drops():
+    from backends import keras_lstm  # noqa: F401  (Keras on TensorFlow, quiet start-up)
+
+    # --- README example start ---
+    import os
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")   # before the first `import keras`
+    import keras
+    from backends.keras_layers import ResetLSTM
+    from benchmarks.data import load_synthetic
+    from benchmarks.strategies import Packed
+
+    B, T = 16, 32                                           # 16 streams, windows of 32 steps
+    ids = keras.Input(shape=(T,), batch_size=B, dtype="int32")
+    resets = keras.Input(shape=(T,), batch_size=B, dtype="bool")   # True: zero this row's state
+    h = keras.layers.Embedding(257, 32)(ids)
+    h = ResetLSTM(128, stateful=True)(h, resets)            # [B, T, 128], state kept per row
+    logits = keras.layers.Dense(257)(h)
+    model = keras.Model([ids, resets], logits)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+    corpus = load_synthetic(300, 10, seed=0).train          # byte sequences of varied length
+    losses = []
+    for batch in Packed(batch_size=B, window=T, seed=0).epoch(corpus):   # consecutive windows
+        # batch.reset is True at each sequence's first position, anywhere in the window
+        loss = model.train_on_batch([batch.x, batch.reset], batch.y, sample_weight=batch.mask)
+        losses.append(float(loss))
+    # --- README example end ---
+
+    assert len(losses) >= 24, len(losses)
+    first, last = np.mean(losses[:4]), np.mean(losses[-4:])
+    assert np.isfinite(losses).all()
+    assert last < first - 1.0, f"loss did not drop: first {first:.3f}, last {last:.3f}"
+    assert os.environ["KERAS_BACKEND"] == "tensorflow"

@@ -1,0 +1,353 @@
+"""ResetLSTM (backends/keras_layers.py) and the Keras adapter's own choices (backends/keras_lstm.py).
+
+The generic checks of ``backend=keras`` against the NumPy oracle live in test_conformance.py; here:
+the layer alone against the oracle (every loop implementation), statefulness per row, weights,
+equality with ``keras.layers.LSTM``, the same layer under KERAS_BACKEND=jax and torch (in
+subprocesses: the Keras backend is fixed at Keras's first import), PyTorch-style Adam epsilon,
+the non-default compile settings, and ``precompile``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("keras") is None:
+    pytest.skip("backend keras needs tensorflow and keras", allow_module_level=True)
+
+from backends import keras_lstm  # noqa: E402  (sets KERAS_BACKEND=tensorflow before keras loads)
+from backends import reference as ref  # noqa: E402
+from backends.base import Batch, ConfigError, ModelSpec, OptimizerSpec, init_weights  # noqa: E402
+from backends.keras_layers import ResetLSTM  # noqa: E402
+from tests.helpers import (TINY, assert_close, mid_reset_batches, oracle, random_state,  # noqa: E402
+                           tiny_weights)
+
+import keras  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC1 = ModelSpec(embed=8, hidden=16, layers=1)
+B, T = 4, 9
+
+
+def _case(seed: int, B: int = B, T: int = T, resets=((0, 3), (2, 7), (1, 5), (3, 0))):
+    """Layer inputs (embedded ids), resets, canonical weights, a carried state, and the oracle's
+    hidden sequence and final state (float64) for them."""
+    rng = np.random.default_rng(seed)
+    w = {k: v.astype(np.float64) for k, v in tiny_weights(seed, SPEC1).items()}
+    x = rng.integers(0, 257, size=(B, T)).astype(np.int32)
+    reset = np.zeros((B, T), bool)
+    for b, t in resets:
+        reset[b, t] = True
+    batch = Batch(x, x, np.ones((B, T), np.float32), reset)
+    h0, c0 = random_state(seed + 1, SPEC1, B)
+    _, cache, hT, cT = ref.forward(w, batch, h0.astype(np.float64), c0.astype(np.float64), 1)
+    inputs = w["embedding"][x].astype(np.float32)
+    lw = {k.split(".")[-1]: w[k].astype(np.float32) for k in ("lstm.0.w_x", "lstm.0.w_h", "lstm.0.b")}
+    return inputs, reset, lw, (h0[0], c0[0]), (cache["top"], hT[0], cT[0])
+
+
+def _layer(lw, B=None, T=None, **kw) -> ResetLSTM:
+    layer = ResetLSTM(lw["w_h"].shape[0], **kw)
+    layer.build((B, T, lw["w_x"].shape[0]))
+    layer.set_canonical(**lw)
+    return layer
+
+
+def _np(x) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+# --------------------------------------------------------------------------- the layer
+@pytest.mark.parametrize("impl", ["auto", "tf_bptt", "tf_while", "scan", "unroll"])
+def test_layer_matches_oracle(impl):
+    inputs, reset, lw, state0, (exp_seq, exp_h, exp_c) = _case(0)
+    layer = _layer(lw, return_state=True, implementation=impl)
+    seq, h, c = layer(inputs, reset, initial_state=state0)
+    assert_close(_np(seq), exp_seq, f"{impl}: sequence")
+    assert_close(_np(h), exp_h, f"{impl}: final h")
+    assert_close(_np(c), exp_c, f"{impl}: final c")
+    # the list form layer([inputs, resets]) is the same call
+    assert_close(_np(layer([inputs, reset], initial_state=state0)[0]), exp_seq, f"{impl}: list call")
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+def test_hand_written_backward_equals_autodiff(jit):
+    """tf_bptt's custom gradient against TensorFlow's autodiff of the scan loop: w.r.t. the
+    inputs, the initial state and every weight, with upstream gradients on the sequence and on
+    the final h and c, across mid-window resets."""
+    tf = keras_lstm.tf
+    inputs, reset, lw, (h0, c0), _ = _case(6)
+    rng = np.random.default_rng(7)
+    H = lw["w_h"].shape[0]
+    probes = [tf.constant(rng.standard_normal(s).astype(np.float32)) for s in ((B, T, H), (B, H), (B, H))]
+
+    def grads(impl, jit_compile):
+        layer = _layer(lw, return_state=True, implementation=impl)
+
+        @tf.function(jit_compile=jit_compile)
+        def f(x, h0, c0):
+            with tf.GradientTape() as tape:
+                tape.watch([x, h0, c0])
+                outs = layer(x, reset, initial_state=(h0, c0))
+                loss = tf.add_n([tf.reduce_sum(o * p) for o, p in zip(outs, probes)])
+            return [loss] + tape.gradient(loss, [x, h0, c0] + [v.value for v in layer.trainable_weights])
+        return [g.numpy() for g in f(tf.constant(inputs), tf.constant(h0), tf.constant(c0))]
+
+    exp = grads("scan", False)
+    got = grads("tf_bptt", jit)
+    for g, e, what in zip(got, exp, ("loss", "d inputs", "d h0", "d c0", "d kernel", "d recurrent", "d bias")):
+        assert_close(g, e, f"tf_bptt vs autodiff: {what}")
+
+
+def test_stateful_two_calls_equal_one_call():
+    inputs, reset, lw, _, _ = _case(1, T=2 * T, resets=((0, 4), (1, T), (2, T + 3), (3, 2 * T - 1)))
+    whole = _layer(lw, B=B, stateful=True)
+    full = _np(whole(inputs, reset))
+    h_full, c_full = _np(whole.state_h), _np(whole.state_c)
+    halves = _layer(lw, B=B, stateful=True)
+    parts = [_np(halves(inputs[:, s], reset[:, s])) for s in (slice(0, T), slice(T, 2 * T))]
+    assert_close(np.concatenate(parts, axis=1), full, "two stateful calls vs one")
+    assert_close(_np(halves.state_h), h_full, "carried h")
+    assert_close(_np(halves.state_c), c_full, "carried c")
+    halves.reset_state()
+    assert not _np(halves.state_h).any() and not _np(halves.state_c).any()
+
+
+def test_stateful_row_reset_at_first_position_ignores_only_that_row():
+    inputs, reset, lw, _, _ = _case(2, T=2 * T, resets=())
+    cont = _layer(lw, B=B, stateful=True)
+    full = _np(cont(inputs, reset))                         # no resets: every row continues
+    layer = _layer(lw, B=B, stateful=True)
+    layer(inputs[:, :T], reset[:, :T])
+    second = reset[:, T:].copy()
+    second[1, 0] = True                                     # only row 1 starts over
+    out = _np(layer(inputs[:, T:], second))
+    fresh = _np(_layer(lw)(inputs[1:2, T:]))                # row 1's window from a zero state
+    assert_close(out[1], fresh[0], "reset row equals a fresh start")
+    assert np.abs(out[1] - full[1, T:]).max() > 1e-3, "the reset row still saw its carried state"
+    for row in (0, 2, 3):
+        assert_close(out[row], full[row, T:], f"row {row} kept its state")
+
+
+def test_canonical_weights_roundtrip():
+    _, _, lw, _, _ = _case(3)
+    layer = _layer(lw, B=B, stateful=True)
+    got = layer.canonical()
+    for k in lw:
+        assert got[k].dtype == np.float32
+        np.testing.assert_array_equal(got[k], lw[k], err_msg=k)
+    kernel, recurrent, bias = layer.get_weights()[:3]       # Keras order: kernel, recurrent, bias
+    np.testing.assert_array_equal(kernel, lw["w_x"])
+    np.testing.assert_array_equal(recurrent, lw["w_h"])
+    np.testing.assert_array_equal(bias, lw["b"])
+    other = _layer({k: np.zeros_like(v) for k, v in lw.items()}, B=B, stateful=True)
+    other.set_weights([kernel, recurrent, bias])            # 3 arrays also on a stateful layer
+    for k in lw:
+        np.testing.assert_array_equal(other.canonical()[k], lw[k], err_msg=k)
+    with pytest.raises(ValueError, match="w_h"):
+        layer.set_canonical(lw["w_x"], lw["w_h"][:, :8], lw["b"])
+
+
+def test_no_resets_equals_keras_lstm():
+    inputs, _, lw, state0, _ = _case(4, resets=())
+    H = lw["w_h"].shape[0]
+    lstm = keras.layers.LSTM(H, return_sequences=True, return_state=True)
+    lstm.build((None, T, inputs.shape[-1]))
+    lstm.set_weights([lw["w_x"], lw["w_h"], lw["b"]])
+    layer = ResetLSTM(H, return_state=True)
+    layer.build((None, T, inputs.shape[-1]))
+    layer.set_weights(lstm.get_weights())                   # the same layout: a direct copy
+    exp = [_np(t) for t in lstm(inputs, initial_state=list(state0))]
+    for resets in (None, np.zeros((B, T), bool)):
+        got = [_np(t) for t in layer(inputs, resets, initial_state=state0)]
+        for g, e, what in zip(got, exp, ("sequence", "h", "c")):
+            assert_close(g, e, f"vs keras.layers.LSTM: {what}")
+    # and from a zero state
+    assert_close(_np(layer(inputs)[0]), _np(lstm(inputs)[0]), "vs keras.layers.LSTM from zero")
+
+
+# --------------------------------------------------------------------------- other Keras backends
+_OTHER_BACKEND = textwrap.dedent(r"""
+    import json, os, sys
+    sys.path.insert(0, sys.argv[1])
+    os.environ["KERAS_BACKEND"] = sys.argv[2]
+    import numpy as np
+    import keras
+    from backends.keras_layers import ResetLSTM
+    out = {"backend": keras.backend.backend(), "err": {}}
+    d = np.load(sys.argv[3])
+    inputs, reset, state0, exp = d["inputs"], d["reset"], (d["h0"], d["c0"]), (d["seq"], d["h"], d["c"])
+    lw = {k: d[k] for k in ("w_x", "w_h", "b")}
+    for impl in ("scan", "unroll"):                 # auto is scan off TensorFlow
+        layer = ResetLSTM(lw["w_h"].shape[0], return_state=True, implementation=impl)
+        layer.build((None, None, lw["w_x"].shape[0]))
+        layer.set_canonical(**lw)
+        got = layer(inputs, reset, initial_state=state0)
+        out["err"][impl] = max(float(np.abs(keras.ops.convert_to_numpy(g) - e).max()) for g, e in zip(got, exp))
+    # stateful: two calls equal one
+    B, T = reset.shape
+    def stateful():
+        l = ResetLSTM(lw["w_h"].shape[0], stateful=True)
+        l.build((B, T, lw["w_x"].shape[0]))
+        l.set_canonical(**lw)
+        return l
+    whole = keras.ops.convert_to_numpy(stateful()(np.concatenate([inputs, inputs], 1), np.concatenate([reset, reset], 1)))
+    l = stateful()
+    parts = [keras.ops.convert_to_numpy(l(inputs, reset)) for _ in range(2)]
+    out["err"]["stateful"] = float(np.abs(np.concatenate(parts, 1) - whole).max())
+    # train_on_batch carries the per-row state on this backend's trainer
+    ids = keras.Input(shape=(T,), batch_size=B, dtype="int32")
+    rs = keras.Input(shape=(T,), batch_size=B, dtype="bool")
+    lstm = ResetLSTM(8, stateful=True)
+    y = keras.layers.Dense(257)(lstm(keras.layers.Embedding(257, 4)(ids), rs))
+    model = keras.Model([ids, rs], y)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).integers(0, 257, size=(B, T)).astype("int32")
+    losses = [float(model.train_on_batch([x, reset], x)) for _ in range(2)]
+    st = keras.ops.convert_to_numpy(lstm.state_h)
+    out["train_on_batch"] = {"finite": bool(np.isfinite(losses).all()), "state_moved": bool(np.abs(st).max() > 0)}
+    # backend=keras refuses a Keras that already runs on another backend
+    try:
+        import backends.keras_lstm
+        out["adapter"] = "imported"
+    except Exception as exc:
+        out["adapter"] = f"{type(exc).__name__}: {exc}"
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_layer_on_jax_and_torch_backends(tmp_path):
+    """The same layer (every backend-neutral loop) under KERAS_BACKEND=jax and torch, against
+    the oracle; statefulness and train_on_batch there; backend=keras refuses them. Both
+    subprocesses run at once."""
+    inputs, reset, lw, state0, exp = _case(5)
+    np.savez(tmp_path / "case.npz", inputs=inputs, reset=reset, h0=state0[0], c0=state0[1],
+             seq=exp[0], h=exp[1], c=exp[2], **lw)
+    script = tmp_path / "other_backend.py"
+    script.write_text(_OTHER_BACKEND)
+    available = [b for b in ("jax", "torch") if importlib.util.find_spec(b) is not None]
+    if not available:
+        pytest.skip("neither jax nor torch is installed")
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    procs = {b: subprocess.Popen([sys.executable, str(script), ROOT, b, str(tmp_path / "case.npz")], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
+             for b in available}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+        assert proc.returncode == 0 and lines, f"KERAS_BACKEND={name} failed:\n{stderr[-3000:]}"
+        res = json.loads(lines[-1][len("RESULT "):])
+        assert res["backend"] == name
+        for what, err in res["err"].items():
+            assert err < 1e-5, f"KERAS_BACKEND={name}: {what} differs from the oracle by {err:.3g}"
+        assert res["train_on_batch"] == {"finite": True, "state_moved": True}, (name, res)
+        assert res["adapter"].startswith("ConfigError") and "KERAS_BACKEND" in res["adapter"], res["adapter"]
+
+
+# --------------------------------------------------------------------------- the adapter
+def _backend(optimizer, spec=TINY, batch_size=B, seed=0, **kw):
+    w = tiny_weights(seed, spec)
+    return (keras_lstm.KerasBackend(spec, w, optimizer, batch_size, device="cpu", **kw),
+            oracle(spec, w, optimizer, batch_size))
+
+
+def _three_steps(be, orc, seed):
+    h0, c0 = random_state(seed, TINY, B)
+    be.set_state(h0, c0)
+    orc.set_state(h0, c0)
+    for i, batch in enumerate(mid_reset_batches(seed + 1)):
+        assert_close(float(be.train_step(batch)), orc.train_step(batch), f"loss step {i}")
+    got, exp = be.get_weights(), orc.get_weights()
+    for k in exp:
+        assert_close(got[k], exp[k], f"weights {k}", rtol=5e-4, atol_scale=5e-5)
+
+
+def test_adam_epsilon_is_pytorchs():
+    """eps added to sqrt(v_hat) (PyTorch), not to sqrt(v) before bias correction (Keras's Adam).
+    A large eps makes the two differ; the adapter matches the oracle, keras.optimizers.Adam not."""
+    opt = OptimizerSpec("adam", lr=0.01, eps=1e-3)
+    be, orc = _backend(opt, jit_compile=False)   # the same update code runs under XLA (conformance)
+    _three_steps(be, orc, 20)
+    # control: keras.optimizers.Adam with the same settings on the same gradients does not match
+    w0 = tiny_weights(0)
+    h0, c0 = random_state(20, TINY, B)
+    orc2 = oracle(TINY, w0, opt, B)
+    orc2.set_state(h0, c0)
+    var = keras.Variable(w0["lstm.0.w_h"])
+    kadam = keras.optimizers.Adam(learning_rate=opt.lr, beta_1=opt.beta1, beta_2=opt.beta2, epsilon=opt.eps)
+    for batch in mid_reset_batches(21):
+        _, grads = orc2.gradients(batch)
+        kadam.apply_gradients([(keras.ops.convert_to_tensor(grads["lstm.0.w_h"].astype(np.float32)), var)])
+        orc2.opt.step(orc2.w, grads)
+    diff = np.abs(_np(var) - orc2.w["lstm.0.w_h"]).max()
+    assert diff > 1e-4, f"keras Adam matched PyTorch's eps placement ({diff:.2g}): the test above is vacuous"
+
+
+@pytest.mark.parametrize("jit, loop, kernel", [(False, "auto", "keras.tf_function"),
+                                               (True, "tf_while", "keras.xla.tf_while"),
+                                               (False, "scan", "keras.tf_function.scan")])
+def test_non_default_compile_settings_match_oracle(jit, loop, kernel):
+    be, orc = _backend(OptimizerSpec("adam", lr=0.01, clip_norm=0.5), jit_compile=jit, loop=loop)
+    assert be.kernel == kernel
+    _three_steps(be, orc, 22)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+def test_precompile_changes_nothing_and_nothing_retraces(jit):
+    """precompile runs dummy steps and restores weights, Adam's moments and step count, and the
+    carried state; one trace serves every (B, T). (The XLA case uses one shape: XLA compiles once
+    per shape, about 2 s each on a CPU.)"""
+    opt = OptimizerSpec("adam", lr=0.01, clip_norm=0.5)
+    be, orc = _backend(opt, jit_compile=jit)
+    h0, c0 = random_state(24, TINY, B)
+    be.set_state(h0, c0)
+    orc.set_state(h0, c0)
+    w_before = be.get_weights()
+    train_shapes = [(B, T)] if jit else [(B, T), (B, 2 * T), (3, T)]
+    be.precompile(train_shapes, [(B, T)])
+    for k, v in be.get_weights().items():
+        np.testing.assert_array_equal(v, w_before[k], err_msg=k)
+    for got, exp in zip(be.get_state(), (h0, c0)):
+        np.testing.assert_array_equal(got, exp)
+    assert be._train_fn.experimental_get_tracing_count() == 1
+    # Adam's moments and step count were restored: the steps still match the oracle's first ones
+    for i, batch in enumerate(mid_reset_batches(25)[:2]):
+        assert_close(float(be.train_step(batch)), orc.train_step(batch), f"loss step {i}")
+    for k, v in orc.get_weights().items():
+        assert_close(be.get_weights()[k], v, f"weights {k}", rtol=5e-4, atol_scale=5e-5)
+    if not jit:
+        rng = np.random.default_rng(26)
+        for b, t in train_shapes[1:]:                       # other window lengths and row counts
+            be.reset_state(b)
+            x = rng.integers(0, 257, (b, t)).astype(np.int32)
+            be.train_step(Batch(x, x, np.ones((b, t), np.float32), np.zeros((b, t), bool)))
+        assert be._train_fn.experimental_get_tracing_count() == 1, "train step retraced"
+
+
+def test_adapter_options_and_device():
+    w = init_weights(TINY, 0)
+    sgd = OptimizerSpec("sgd", lr=0.1)
+    with pytest.raises(ConfigError, match="jit_compile"):
+        keras_lstm.KerasBackend(TINY, w, sgd, B, device="cpu", jit_compile="maybe")
+    with pytest.raises(ConfigError, match="loop=scan"):
+        keras_lstm.KerasBackend(TINY, w, sgd, B, device="cpu", jit_compile=True, loop="scan")
+    with pytest.raises(ConfigError, match="backend.loop"):
+        keras_lstm.KerasBackend(TINY, w, sgd, B, device="cpu", loop="fast")
+    with pytest.raises(ConfigError, match="backend.colour"):
+        keras_lstm.KerasBackend(TINY, w, sgd, B, device="cpu", colour="red")
+    if not keras_lstm.tf.config.list_physical_devices("GPU"):
+        with pytest.raises(ConfigError, match="TensorFlow sees no GPU"):
+            keras_lstm.KerasBackend(TINY, w, sgd, B, device="cuda")
+    be = keras_lstm.KerasBackend(TINY, w, sgd, B, device="auto")
+    assert be.device in ("cpu", "cuda")
+    assert set(be.versions()) == {"tensorflow", "keras", "numpy"}
+    assert be.peak_memory_bytes() is None if be.device == "cpu" else be.peak_memory_bytes() >= 0
