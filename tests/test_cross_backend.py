@@ -24,7 +24,7 @@ OTHERS = [n for n in backend_names() if n != "torch"]
 @pytest.mark.parametrize("name", OTHERS)
 def test_ten_sgd_steps_match_torch(name, strategy):
     ds = load_synthetic(60, 5, seed=3, length={"dist": "lognormal", "median": 20, "sigma": 0.8})
-    opts = {"pad_multiple": 8} if strategy == "padded" else {}
+    opts = {"pad_multiple": 32} if strategy == "padded" else {}  # few shapes: few compiles
     layout = make_layout(strategy, batch_size=4, window=12, seed=0, **opts)
     batches = list(itertools.islice(itertools.chain(layout.epoch(ds.train, 0), layout.epoch(ds.train, 1)), 10))
     assert len(batches) == 10
