@@ -54,6 +54,37 @@ def _scripted_layer():
     return _SCRIPTED["layer"]
 
 
+class ResetLSTM(torch.nn.Module):
+    """A reusable one-layer LSTM with per-row, per-timestep state resets.
+
+    ``forward(x [B, T, in], reset [B, T] bool, state=None) -> (out [B, T, H], (h, c))``: row ``b``'s
+    state is zeroed before step ``t`` where ``reset[b, t]`` (which also cuts the gradient). Feed the
+    returned ``(h, c)``, detached, as the next window's ``state`` for stateful TBPTT over packed
+    streams. Weights are in canonical layout (``w_x`` [in, 4H], ``w_h`` [H, 4H], ``b`` [4H], gates
+    i, f, g, o): ``nn.LSTM``'s ``weight_ih_l0`` is ``w_x.T`` and ``bias_ih + bias_hh`` is ``b``.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, script: bool = False):
+        super().__init__()
+        bound = hidden_size ** -0.5
+        self.hidden_size = hidden_size
+        self.w_x = torch.nn.Parameter(torch.empty(input_size, 4 * hidden_size).uniform_(-bound, bound))
+        self.w_h = torch.nn.Parameter(torch.empty(hidden_size, 4 * hidden_size).uniform_(-bound, bound))
+        self.b = torch.nn.Parameter(torch.zeros(4 * hidden_size))
+        self._layer = _scripted_layer() if script else lstm_layer_loop
+
+    def forward(self, x: torch.Tensor, reset: torch.Tensor,
+                state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+        B = x.shape[0]
+        if state is None:
+            zeros = x.new_zeros(B, self.hidden_size)
+            state = (zeros, zeros)
+        keep = (~reset.bool()).to(x.dtype).unsqueeze(-1)
+        xp = torch.matmul(x, self.w_x) + self.b
+        out, h, c = self._layer(xp, keep, state[0], state[1], self.w_h)
+        return out, (h, c)
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> CUDA when PyTorch sees one, else CPU; ``cuda`` without a GPU is a user error."""
     if device not in ("auto", "cpu", "cuda"):
