@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.resetbench-installed
 EXTRAS ?= all,dev
 ARGS   ?=
 
-.PHONY: setup bench test test-fast plots clean-venv
+.PHONY: setup bench test plots tables clean-venv
 
 setup: $(STAMP)
 
@@ -25,3 +25,11 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# redraw every figure in results/figures from the committed tables in results/tables
+plots: $(STAMP)
+	$(PY) -m benchmarks.plots
+
+# rebuild results/tables from the newest compare/waste/window sweeps under results/runs
+tables: $(STAMP)
+	$(PY) -m benchmarks.results results/runs --latest --experiments compare,waste,window

@@ -172,6 +172,7 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
         "batch_size": B, "window": T, "embed": spec.embed, "hidden": spec.hidden, "layers": spec.layers,
         "optimizer": opt.name, "lr": opt.lr, "clip_norm": opt.clip_norm,
         "framework_version": framework, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load_avg_start": _load_avg(),
         **env, **dataset.summary(), "config": cfg,
     }
     acc = {"step": 0, "epoch": 0, "valid": 0, "slots": 0, "timed_steps": 0, "timed_valid": 0,
@@ -198,7 +199,7 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
             if acc["step"] and train_elapsed > 0 else None,
             **_peak_memory(backend),
             "eval_time_s": acc["eval_time"],
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_avg_end": _load_avg(),
         })
         return summary
 
@@ -235,16 +236,6 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
                 stop_reason = "steps"
                 break
             epoch = layout.epoch(dataset.train, acc["epoch"])
-            todo = epoch.shapes[: int(min(len(epoch), steps_limit - acc["step"]))]
-            new = sorted(set(todo) - compiled)
-            if new:
-                t0 = time.perf_counter()
-                backend.precompile(new, [])
-                backend.synchronize()
-                dt = time.perf_counter() - t0
-                acc["compile"] += dt
-                acc["excluded"] += dt
-                compiled.update(new)
             for batch in epoch:
                 if acc["step"] >= steps_limit:
                     stop_reason = "steps"
@@ -255,6 +246,14 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
                 if token_budget is not None and acc["valid"] >= int(token_budget):
                     stop_reason = "token_budget"
                     break
+                if batch.shape not in compiled:      # compile a new shape outside the clock
+                    t0 = time.perf_counter()
+                    backend.precompile([batch.shape], [])
+                    backend.synchronize()
+                    dt = time.perf_counter() - t0
+                    acc["compile"] += dt
+                    acc["excluded"] += dt
+                    compiled.add(batch.shape)
                 t0 = time.perf_counter()
                 loss_value = backend.train_step(batch)
                 backend.synchronize()
@@ -319,6 +318,14 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
     writer.close()
     echo(format_summary(result, out_dir))
     return result
+
+
+def _load_avg() -> Optional[float]:
+    """1-minute load average: a busy machine makes timings unreliable; this shows it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
 
 
 def _peak_memory(backend: Backend) -> Dict[str, Any]:

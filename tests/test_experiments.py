@@ -1,0 +1,149 @@
+"""The study's Hydra experiments: each ``*_debug`` sweep runs through ``python run.py -m
++experiment=X_debug`` and the collector sees every run (one per point of the sweep axes), completed,
+with periodic evals; the full experiments compose with the axes the study needs; a sweep also runs
+through the joblib and submitit_local launchers.
+
+The subprocesses get one thread per framework (OMP/TF/XLA variables): these are correctness checks
+of tiny models on a shared machine, where spinning thread pools only slow them down."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+pytest.importorskip("pandas")         # the analysis extra: pip install -e '.[analysis]'
+pytest.importorskip("matplotlib")
+
+from benchmarks import plots, registry, results  # noqa: E402
+from tests.helpers import REQUIRE_ALL  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.join(ROOT, "conf", "experiment")
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1",
+              "TF_NUM_INTEROP_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+              "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
+
+
+def sweep_axes(name: str) -> dict:
+    """``hydra.sweeper.params`` of conf/experiment/NAME.yaml as {key: [values]}."""
+    with open(os.path.join(EXPERIMENTS, f"{name}.yaml")) as fh:
+        cfg = yaml.safe_load(fh)
+    params = cfg["hydra"]["sweeper"]["params"]
+    return {k: [v.strip() for v in str(vals).split(",")] for k, vals in params.items()}
+
+
+def installed_backends(names):
+    ok = [b for b in names if not registry.missing_requirements(registry.backend_configs()[b])]
+    if REQUIRE_ALL and ok != list(names):
+        pytest.fail(f"backends not installed: {sorted(set(names) - set(ok))} (RESETBENCH_REQUIRE_ALL=1)")
+    return ok
+
+
+def run_sweep(*args: str, timeout: int = 300):
+    env = {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), "-m", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _check_runs(runs, experiment, n):
+    assert len(runs) == n, runs[["run_dir", "status"]].to_string()
+    assert (runs["status"] == "completed").all(), runs[["run_dir", "status", "problem"]].to_string()
+    assert runs["complete"].all() and (runs["experiment"] == experiment).all()
+    assert runs["run_dir"].is_unique
+
+
+@pytest.mark.parametrize("name", ["compare_debug", "waste_debug", "window_debug"])
+def test_debug_experiment_runs_and_is_collected(tmp_path, name):
+    axes = sweep_axes(name)
+    extra = []
+    if "backend" in axes:
+        have = installed_backends(axes["backend"])
+        if not have:
+            pytest.skip("no backend of the sweep installed")
+        if have != axes["backend"]:
+            axes["backend"] = have
+            extra.append(f"backend={','.join(have)}")
+    sweep_dir = tmp_path / f"{name}_2026-01-01_00-00-00"
+    r = run_sweep(f"+experiment={name}", f"hydra.sweep.dir={sweep_dir}", *extra)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+
+    runs, steps, evals, problems = results.collect(str(tmp_path), warn=False)
+    assert problems == []
+    n = 1
+    for values in axes.values():
+        n *= len(values)
+    _check_runs(runs, name, n)
+    # every point of the sweep is there exactly once
+    columns = {"backend": "backend", "strategy": "strategy", "train.seed": "seed",
+               "train.window": "window", "data.length.sigma": "data.length.sigma"}
+    seen = {tuple(str(row[columns[k]]) for k in axes) for _, row in runs.iterrows()}
+    assert seen == set(itertools.product(*axes.values()))
+    # the fixed token budget stopped each run; periodic evals give loss curves
+    with open(os.path.join(EXPERIMENTS, f"{name}.yaml")) as fh:
+        budget = yaml.safe_load(fh)["train"]["max_valid_tokens"]
+    assert (runs["stop_reason"] == "token_budget").all()
+    assert (runs["valid_tokens"] >= budget).all()
+    assert (evals.groupby("run_dir").size() >= 2).all() and evals["run_dir"].nunique() == n
+    assert steps["run_dir"].nunique() == n
+    assert (runs["pad_fraction"][runs["strategy"] == "packed"] < 0.1).all()
+
+    if name == "compare_debug":
+        table = plots.summary_table(runs, evals, name)
+        assert set(table["backend"]) == set(axes["backend"]) and len(table) == len(runs)
+        # same weights, same data, same layouts: the backends agree on the eval loss
+        spread = runs.groupby("strategy")["eval_loss"].agg(lambda s: s.max() - s.min())
+        assert (spread < 0.02).all(), spread
+
+
+def test_full_experiments_compose_with_their_axes():
+    """compare / waste / window: the axes of the study (composed by Hydra, nothing run)."""
+    assert sweep_axes("compare") == {"backend": ["torch", "jax", "keras"],
+                                     "strategy": ["padded", "reset_all", "packed"], "train.seed": ["0", "1", "2"]}
+    assert sweep_axes("waste")["strategy"] == ["padded", "reset_all", "packed"]
+    assert len(sweep_axes("waste")["data.length.sigma"]) >= 4
+    assert sweep_axes("window")["train.window"] == ["16", "32", "64", "128", "256"]
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from benchmarks.config import validate
+    for name in ("compare", "waste", "window", "compare_debug", "waste_debug", "window_debug"):
+        with initialize_config_dir(config_dir=registry.CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"+experiment={name}"], return_hydra_config=True)
+        assert cfg.hydra.sweep.dir.startswith(f"results/runs/{name}_")
+        job = OmegaConf.to_container(cfg, resolve=False)
+        job.pop("hydra")
+        for key, values in sweep_axes(name).items():   # every point validates
+            for value in values:
+                point = OmegaConf.create(job)
+                if key in ("backend", "strategy"):
+                    with initialize_config_dir(config_dir=registry.CONF_DIR, version_base="1.3"):
+                        point = compose(config_name="config", overrides=[f"+experiment={name}", f"{key}={value}"])
+                else:
+                    OmegaConf.update(point, key, yaml.safe_load(value))
+                plain = OmegaConf.to_container(point, resolve=True)
+                validate(plain)
+                assert plain["experiment"] == name
+                t = plain["train"]
+                assert t["max_valid_tokens"] and t["steps"] is None and t["time_budget_s"] is None
+                assert plain["eval"]["every_steps"]
+
+
+@pytest.mark.parametrize("launcher", ["submitit_local", "joblib"])
+def test_sweep_through_a_parallel_launcher(tmp_path, launcher):
+    pytest.importorskip({"submitit_local": "hydra_plugins.hydra_submitit_launcher",
+                         "joblib": "hydra_plugins.hydra_joblib_launcher"}[launcher])
+    sweep_dir = tmp_path / "window_debug_2026-01-01_00-00-00"
+    extra = ["hydra.launcher.timeout_min=5"] if launcher == "submitit_local" else ["hydra.launcher.n_jobs=2"]
+    r = run_sweep("+experiment=window_debug", f"hydra/launcher={launcher}", "train.window=16,32",
+                  f"hydra.sweep.dir={sweep_dir}", *extra, timeout=240)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    runs, _, evals, problems = results.collect(str(tmp_path), warn=False)
+    assert problems == []
+    _check_runs(runs, "window_debug", 2)
+    assert sorted(runs["window"].tolist()) == [16, 32]
+    assert evals["run_dir"].nunique() == 2

@@ -1,0 +1,149 @@
+"""Figures (benchmarks/plots.py): every plot function writes a non-empty PNG from fabricated tables
+and from the committed tables (results/tables, when present); a missing experiment is a note,
+never a crash; the summary table ranks strategies and compares them with padded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pd = pytest.importorskip("pandas")    # the analysis extra: pip install -e '.[analysis]'
+pytest.importorskip("matplotlib")
+
+from benchmarks import plots, results  # noqa: E402
+from tests.test_results import fabricate_lengths, fabricate_study, fabricate_tables  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMITTED = os.path.join(ROOT, "results", "tables")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    base = tmp_path_factory.mktemp("plots")
+    folder = fabricate_tables(str(base / "tables"), str(base / "runs"))
+    return plots.load_tables(folder)
+
+
+def _is_png(path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    return head == PNG and os.path.getsize(path) > 2000
+
+
+def _draw_each(t, out, suffix=""):
+    written = []
+    for name, draw in plots.figure_specs(suffix):
+        written.append(draw(t, os.path.join(out, name)))
+    return written
+
+
+def test_each_plot_writes_a_png(tables, tmp_path):
+    paths = [
+        plots.plot_throughput(tables["runs"], str(tmp_path / "a.png")),
+        plots.plot_padding(tables["runs"], str(tmp_path / "b.png")),
+        plots.plot_loss_vs_time(tables["evals"], str(tmp_path / "c.png"), tables["runs"]),
+        plots.plot_loss_vs_tokens(tables["evals"], str(tmp_path / "d.png"), tables["runs"]),
+        plots.plot_gain_vs_padding(tables["runs"], str(tmp_path / "e.png")),
+        plots.plot_lengths(tables["lengths"], str(tmp_path / "f.png")),
+        plots.plot_loss_vs_window(tables["runs"], str(tmp_path / "g.png")),
+    ]
+    for p in paths:
+        assert _is_png(p), p
+
+
+def test_plots_work_on_frames_straight_from_collect(tmp_path):
+    """The tables need not go through CSV: collect()'s frames plot the same."""
+    fabricate_study(str(tmp_path / "runs"), backends=("torch",), seeds=(0,))
+    runs, steps, evals, _ = results.collect(str(tmp_path / "runs"), warn=False)
+    t = {"runs": runs, "steps": steps, "evals": evals, "lengths": fabricate_lengths()}
+    for p in _draw_each(t, str(tmp_path / "fig")):
+        assert _is_png(p)
+
+
+def test_gains_match_packed_with_its_baseline(tables):
+    g = plots.gains(tables["runs"], "waste", "padded")
+    assert len(g) == 4                                  # one per sigma
+    assert (g["gain"] > 1).all()
+    # fabricated throughput scales with (1 - nominal pad): the gain is the ideal, up to the
+    # rounding of the fabricated valid-token counts
+    assert ((g["gain"] / g["ideal"] - 1).abs() < 0.02).all()
+    assert len(plots.gains(tables["runs"], "waste", "reset_all")) == 4
+
+
+def test_summary_table_ranks_and_compares(tables):
+    t = plots.summary_table(tables["runs"], tables["evals"])
+    assert list(t["backend"].unique()) == ["torch", "jax", "keras"]
+    assert len(t) == 9 and t["runs"].eq(2).all()
+    for _, g in t.groupby("backend"):
+        assert g["rank"].tolist() == [1, 2, 3]
+        assert g["valid_tokens_per_s_median"].is_monotonic_decreasing
+        packed, padded = g.set_index("strategy").loc["packed"], g.set_index("strategy").loc["padded"]
+        assert padded["speedup_vs_padded"] == pytest.approx(1.0)
+        assert packed["speedup_vs_padded"] == pytest.approx((1 - 0.01) / (1 - 0.35), rel=1e-3)
+        assert padded["eval_loss_diff_vs_padded"] == pytest.approx(0.0)
+        assert packed["eval_loss_diff_vs_padded"] < 0         # fabricated packed loss is lower
+    final = plots.summary_table(tables["runs"])            # without evals: final eval loss
+    assert len(final) == 9 and final["eval_loss_diff_vs_padded"].notna().all()
+    assert "| backend | rank |" in plots.to_markdown(t)
+
+
+def test_missing_experiment_is_a_note_not_a_crash(tables, tmp_path):
+    only_compare = {**tables, "runs": tables["runs"][tables["runs"]["experiment"] == "compare"],
+                    "lengths": pd.DataFrame()}
+    notes = []
+    written = plots.build_all(only_compare, str(tmp_path), echo=notes.append)
+    names = {os.path.basename(p) for p in written}
+    assert {"throughput.png", "padding.png", "loss_vs_time.png", "summary.md"} <= names
+    assert "gain_vs_padding.png" not in names and "loss_vs_window.png" not in names
+    skipped = [n for n in notes if n.strip().startswith("skipped")]
+    assert len(skipped) == 3, notes                   # gain, lengths, window
+    with pytest.raises(plots.NoData):
+        plots.plot_loss_vs_window(only_compare["runs"], str(tmp_path / "w.png"))
+
+
+def test_incomplete_runs_are_not_aggregated(tables, tmp_path):
+    runs = tables["runs"].copy()
+    mask = (runs["experiment"] == "compare") & (runs["backend"] == "keras")
+    runs.loc[mask, "complete"] = False
+    runs.loc[mask, "status"] = "interrupted"
+    t = plots.summary_table(runs, tables["evals"])
+    assert "keras" not in set(t["backend"])
+    assert _is_png(plots.plot_loss_vs_time(tables["evals"], str(tmp_path / "c.png"), runs))
+
+
+def test_cli_rebuilds_from_tables_and_survives_empty(tables, tmp_path):
+    folder = tmp_path / "tables"
+    fabricate_tables(str(folder), str(tmp_path / "runs"))
+    out = tmp_path / "fig"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.plots", "--tables", str(folder), "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
+    assert len(pngs) == 7 and all(_is_png(out / p) for p in pngs)
+    assert (out / "summary.md").read_text().count("\n") == 11
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = subprocess.run([sys.executable, "-m", "benchmarks.plots", "--tables", str(empty), "--out", str(tmp_path / "f2")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.count("skipped") == 8, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(COMMITTED, "runs.csv")),
+                    reason="results/tables not committed yet (python -m benchmarks.results writes it)")
+def test_committed_tables_plot(tmp_path):
+    t = plots.load_tables(COMMITTED)
+    written = plots.build_all(t, str(tmp_path), echo=lambda s: None)
+    pngs = {os.path.basename(p): p for p in written if p.endswith(".png")}
+    assert pngs and all(_is_png(p) for p in pngs.values())
+    expected = {"compare": ("throughput.png", "padding.png", "loss_vs_time.png", "loss_vs_tokens.png"),
+                "waste": ("gain_vs_padding.png",), "window": ("loss_vs_window.png",)}
+    done = set(t["runs"].loc[t["runs"]["status"] == "completed", "experiment"])
+    for name, figures in expected.items():
+        if name in done:
+            assert set(figures) <= set(pngs), (name, sorted(pngs))
+    if len(t["lengths"]):
+        assert "lengths.png" in pngs
