@@ -36,8 +36,27 @@ def memory_bytes() -> int:
         return 0
 
 
+def reset_peak_rss() -> bool:
+    """Reset the process's peak-RSS mark (Linux: ``echo 5 > /proc/self/clear_refs``), so that a
+    run inside a multirun sweep (one process, jobs one after another) reports its own peak.
+    Returns False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far."""
+    """Peak resident memory of this process since start or the last :func:`reset_peak_rss`."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
 

@@ -28,7 +28,7 @@ from backends.base import Backend, init_weights, load_weights, save_weights
 from benchmarks import registry
 from benchmarks.config import model_spec, optimizer_spec, strategy_options, validate
 from benchmarks.data import Dataset, load_dataset
-from benchmarks.env import environment, peak_rss_bytes
+from benchmarks.env import environment, peak_rss_bytes, reset_peak_rss
 from benchmarks.strategies import Epoch, eval_batches, make_layout
 
 STEP_COLUMNS = ("step", "epoch", "loss", "valid_tokens", "total_slots", "step_time_s", "elapsed_s", "timed")
@@ -135,6 +135,7 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
     files into ``out_dir``; return the summary. User errors raise ConfigError before any
     framework import; a NaN/inf loss raises :class:`Diverged` after writing the files."""
     validate(cfg)
+    peak_is_per_run = reset_peak_rss()
     t_cfg, e_cfg = cfg["train"], cfg["eval"]
     seed = int(t_cfg["seed"])
     spec, opt = model_spec(cfg), optimizer_spec(cfg)
@@ -172,7 +173,7 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
         "batch_size": B, "window": T, "embed": spec.embed, "hidden": spec.hidden, "layers": spec.layers,
         "optimizer": opt.name, "lr": opt.lr, "clip_norm": opt.clip_norm,
         "framework_version": framework, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "load_avg_start": _load_avg(),
+        "load_avg_start": _load_avg(), "peak_mem_per_run": peak_is_per_run,
         **env, **dataset.summary(), "config": cfg,
     }
     acc = {"step": 0, "epoch": 0, "valid": 0, "slots": 0, "timed_steps": 0, "timed_valid": 0,
