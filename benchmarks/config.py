@@ -74,12 +74,6 @@ KNOWN_KEYS = {
 }
 
 
-def _group_file(group: str, name: str) -> Mapping[str, Any]:
-    import yaml
-    with open(os.path.join(registry.CONF_DIR, group, f"{name}.yaml")) as fh:
-        return yaml.safe_load(fh) or {}
-
-
 def check_keys(cfg: Mapping[str, Any]) -> None:
     """Reject keys that no part of resetbench reads (a typo or a stray ``+key=``)."""
     for section, known in KNOWN_KEYS.items():
@@ -93,7 +87,7 @@ def check_keys(cfg: Mapping[str, Any]) -> None:
         name = cfg.get(group, {}).get("name")
         if name not in registry.group_options(group):
             continue
-        known = set(_group_file(group, name))
+        known = set(registry.group_config(group, name))
         for key in cfg[group]:
             if key not in known:
                 raise ConfigError(f"{group}.{key}", cfg[group][key], f"not an option of {group}={name}; "

@@ -90,16 +90,13 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def evaluate(backend: Backend, batches: Epoch, train_batch_size: int) -> Tuple[float, int]:
+def evaluate(backend: Backend, batches: Epoch) -> Tuple[float, int]:
     """Mean cross-entropy (nats per target) over the eval set, every sequence from a zero state.
     The training state is saved and restored around it."""
     saved = backend.get_state()
+    backend.reset_state(batches.shapes[0][0] if len(batches) else backend.batch_size)
     total, count = 0.0, 0
-    first = True
     for batch in batches:
-        if first:
-            backend.reset_state(batch.x.shape[0])
-            first = False
         total += float(backend.eval_step(batch))
         count += batch.valid_tokens
     backend.set_state(*saved)
@@ -179,6 +176,8 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
     acc = {"step": 0, "epoch": 0, "valid": 0, "slots": 0, "timed_steps": 0, "timed_valid": 0,
            "timed_time": 0.0, "step_time": 0.0, "compile": 0.0, "excluded": 0.0, "loss": None,
            "eval_time": 0.0}
+    step_times: List[float] = []     # timed steps only
+    step_rates: List[float] = []     # their valid tokens / s
     loop_t0 = time.perf_counter()
 
     def elapsed() -> float:
@@ -195,7 +194,9 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
             "timed_valid_tokens": acc["timed_valid"], "train_time_s": timed_time,
             "train_wall_s": train_elapsed, "compile_time_s": acc["compile"],
             "valid_tokens_per_s": (acc["timed_valid"] / timed_time) if timed_time > 0 else None,
-            "step_time_median_s": None, "train_loss_last": acc["loss"],
+            "step_time_median_s": float(np.median(step_times)) if step_times else None,
+            "valid_tokens_per_s_median": float(np.median(step_rates)) if step_rates else None,
+            "train_loss_last": acc["loss"],
             "harness_overhead_fraction": (max(train_elapsed - acc["step_time"], 0.0) / train_elapsed)
             if acc["step"] and train_elapsed > 0 else None,
             **_peak_memory(backend),
@@ -204,12 +205,9 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
         })
         return summary
 
-    step_times: List[float] = []
-    step_rates: List[float] = []
-
     def do_eval() -> Tuple[float, int]:
         t0 = time.perf_counter()
-        loss, count = evaluate(backend, eval_epoch, B)
+        loss, count = evaluate(backend, eval_epoch)
         backend.synchronize()
         dt = time.perf_counter() - t0
         acc["excluded"] += dt
@@ -217,12 +215,16 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
         writer.eval((acc["step"], acc["valid"], f"{elapsed():.6f}", f"{loss:.6f}", count, f"{dt:.4f}"))
         return loss, count
 
-    t0 = time.perf_counter()
-    backend.precompile([], [(int(e_cfg["batch_size"]), int(e_cfg["window"]))])
-    backend.synchronize()
-    dt = time.perf_counter() - t0
-    acc["compile"] += dt
-    acc["excluded"] += dt
+    def compile_shapes(train_shapes, eval_shapes=()) -> None:
+        """Ahead-of-time compilation, counted as compile time and kept off the training clock."""
+        t0 = time.perf_counter()
+        backend.precompile(list(train_shapes), list(eval_shapes))
+        backend.synchronize()
+        dt = time.perf_counter() - t0
+        acc["compile"] += dt
+        acc["excluded"] += dt
+
+    compile_shapes([], [(int(e_cfg["batch_size"]), int(e_cfg["window"]))])
     compiled = set()
     total = None if steps_limit == math.inf else int(steps_limit)
     progress = _Progress(bool(t_cfg.get("progress", True)), total)
@@ -247,13 +249,8 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
                 if token_budget is not None and acc["valid"] >= int(token_budget):
                     stop_reason = "token_budget"
                     break
-                if batch.shape not in compiled:      # compile a new shape outside the clock
-                    t0 = time.perf_counter()
-                    backend.precompile([batch.shape], [])
-                    backend.synchronize()
-                    dt = time.perf_counter() - t0
-                    acc["compile"] += dt
-                    acc["excluded"] += dt
+                if batch.shape not in compiled:      # a new shape: compile it outside the clock
+                    compile_shapes([batch.shape])
                     compiled.add(batch.shape)
                 t0 = time.perf_counter()
                 loss_value = backend.train_step(batch)
@@ -285,35 +282,26 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
                 if acc["step"] % log_every == 0:
                     rate = acc["timed_valid"] / acc["timed_time"] if acc["timed_time"] else 0.0
                     progress.update(log_every, loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
-                    summary["step_time_median_s"] = float(np.median(step_times)) if step_times else None
-                    writer.summary({**fill("running"), "step_time_median_s": summary["step_time_median_s"]})
+                    writer.summary(fill("running"))
             else:
                 acc["epoch"] += 1
                 continue
-    except Diverged:
+    except BaseException as exc:           # leave valid files behind, then re-raise
         progress.close()
-        writer.summary(fill("diverged", "diverged"))
-        writer.close()
-        raise
-    except KeyboardInterrupt:
-        progress.close()
-        writer.summary(fill("interrupted", "interrupted"))
-        writer.weights(backend.get_weights())
-        writer.close()
-        raise
-    except BaseException as exc:
-        progress.close()
-        writer.summary({**fill("failed", "error"), "error": f"{type(exc).__name__}: {exc}"})
+        status = {Diverged: "diverged", KeyboardInterrupt: "interrupted"}.get(type(exc), "failed")
+        final = fill(status, "error" if status == "failed" else status)
+        if status == "failed":
+            final["error"] = f"{type(exc).__name__}: {exc}"
+        writer.summary(final)
+        if status == "interrupted":
+            writer.weights(backend.get_weights())
         writer.close()
         raise
     progress.close()
-    median = float(np.median(step_times)) if step_times else None
     eval_loss, eval_tokens = do_eval()
     writer.weights(backend.get_weights())
     result = fill("completed", stop_reason)
-    result.update({"step_time_median_s": median,
-                   "valid_tokens_per_s_median": float(np.median(step_rates)) if step_rates else None,
-                   "eval_loss": eval_loss, "eval_tokens": eval_tokens,
+    result.update({"eval_loss": eval_loss, "eval_tokens": eval_tokens,
                    "eval_bits_per_byte": eval_loss / math.log(2)})
     writer.summary(result)
     writer.close()

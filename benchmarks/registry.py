@@ -27,13 +27,15 @@ def group_options(group: str) -> list:
     return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
 
 
+def group_config(group: str, name: str) -> Dict[str, Any]:
+    """The contents of ``conf/<group>/<name>.yaml``."""
+    with open(os.path.join(CONF_DIR, group, f"{name}.yaml")) as fh:
+        return yaml.safe_load(fh) or {}
+
+
 def backend_configs() -> Dict[str, Dict[str, Any]]:
     """Every registered backend's config, by name."""
-    out = {}
-    for name in group_options("backend"):
-        with open(os.path.join(CONF_DIR, "backend", f"{name}.yaml")) as fh:
-            out[name] = yaml.safe_load(fh) or {}
-    return out
+    return {name: group_config("backend", name) for name in group_options("backend")}
 
 
 def missing_requirements(cfg: Mapping[str, Any]) -> list:
