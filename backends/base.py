@@ -272,3 +272,47 @@ def clip_scale(global_norm: float, clip_norm: Optional[float]) -> float:
     if clip_norm is None:
         return 1.0
     return float(clip_norm) / max(float(global_norm), float(clip_norm))
+
+
+# --------------------------------------------------------------------------- baseline kernels
+# Every backend offers two kernels that are not reset-aware, for comparison only:
+#   ``native``: the framework's own (fused where it has one) LSTM layer, loaded from the same
+#               canonical weights. It can zero a row's state before column 0 but cannot reset
+#               mid-window, so it runs windows without mid-window resets (padded, reset_all, or
+#               packed windows that happen to have none) and refuses any other.
+#   ``peer``:   what a user would pick instead of resetbench: the framework's variable-length
+#               path (torch ``pack_padded_sequence``, flax ``nn.RNN(seq_lengths=...)``, Keras
+#               ``LSTM`` with a padding mask). It consumes the ``padded`` layout only: every row
+#               starts from a zero state (``reset[:, 0]`` all True), no mid-window reset, and
+#               each row's mask is a prefix of ones (its length). The state it leaves is each
+#               row's state after its last valid token (the next padded batch resets it anyway).
+BASELINE_KERNELS = ("native", "peer")
+
+
+def check_no_mid_reset(batch: "Batch", kernel: str) -> None:
+    """Raise ValueError if ``batch`` resets any row after column 0 (``native`` cannot)."""
+    mid = np.argwhere(batch.reset[:, 1:])
+    if mid.size:
+        b, t = int(mid[0][0]), int(mid[0][1]) + 1
+        raise ValueError(f"backend.kernel={kernel} cannot reset a row mid-window (row {b}, column {t}); "
+                         f"use a reset-aware kernel for packed windows")
+
+
+def padded_lengths(batch: "Batch", kernel: str = "peer") -> np.ndarray:
+    """Per-row lengths (int32 [B]) of a ``padded``-layout batch, for the ``peer`` kernels.
+
+    Raises ValueError unless every row resets at column 0, nothing resets later, and each
+    row's mask is a prefix of ones (what ``strategy=padded`` produces)."""
+    if not batch.reset[:, 0].all():
+        b = int(np.flatnonzero(~batch.reset[:, 0])[0])
+        raise ValueError(f"backend.kernel={kernel} needs the padded layout: row {b} carries state into "
+                         f"the window (reset[{b}, 0] is False); use strategy=padded")
+    check_no_mid_reset(batch, kernel)
+    lengths = batch.mask.sum(axis=1).astype(np.int32)
+    T = batch.mask.shape[1]
+    prefix = np.arange(T)[None, :] < lengths[:, None]
+    if not np.array_equal(batch.mask != 0, prefix):
+        b = int(np.flatnonzero((batch.mask != 0) != prefix)[0] // T)
+        raise ValueError(f"backend.kernel={kernel} needs the padded layout: row {b}'s mask is not a "
+                         f"prefix of ones; use strategy=padded")
+    return lengths

@@ -94,6 +94,27 @@ def check_keys(cfg: Mapping[str, Any]) -> None:
                                   f"options: {', '.join(sorted(k for k in known if k not in registry.META_KEYS)) or '(none)'}")
 
 
+def check_kernel(cfg: Mapping[str, Any]) -> None:
+    """``backend.kernel`` must be one the backend config declares; the baseline kernels run only
+    the layouts they can: ``native`` has no mid-window reset (not packed), ``peer`` is padded."""
+    backend = cfg.get("backend", {})
+    if "kernel" not in backend:
+        return
+    kernels = registry.kernel_options(registry.group_config("backend", backend["name"]))
+    allowed = kernels["exact"] + kernels["baseline"]
+    kernel = backend["kernel"]
+    if kernel not in allowed:
+        raise ConfigError("backend.kernel", kernel, f"allowed for backend={backend['name']}: {', '.join(allowed)}")
+    strategy = _get(cfg, "strategy.name")
+    if kernel == "native" and strategy == "packed":
+        raise ConfigError("backend.kernel", kernel, "the native LSTM cannot reset mid-window, so it cannot run "
+                          "strategy=packed; use strategy=padded or reset_all, or a reset-aware kernel: "
+                          f"{', '.join(kernels['exact'])}")
+    if kernel == "peer" and strategy != "padded":
+        raise ConfigError("backend.kernel", kernel, f"the peer baseline consumes the padded layout only; "
+                          f"use strategy=padded (got strategy={strategy})")
+
+
 def validate(cfg: Mapping[str, Any]) -> None:
     """Raise ConfigError for the first invalid value of the composed config."""
     one_of(cfg, "backend.name", registry.group_options("backend"))
@@ -104,6 +125,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
         positive_int(cfg, "strategy.pad_multiple")
     one_of(cfg, "data.name", DATA)
     one_of(cfg, "device", DEVICES)
+    check_kernel(cfg)
     for key in ("model.embed", "model.hidden", "model.layers", "train.batch_size", "train.window",
                 "train.log_every", "eval.batch_size", "eval.window"):
         positive_int(cfg, key)

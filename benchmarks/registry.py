@@ -18,7 +18,14 @@ from backends.base import Backend, ConfigError, ModelSpec, OptimizerSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF_DIR = os.path.join(ROOT, "conf")
-META_KEYS = ("name", "_target_", "requires")
+META_KEYS = ("name", "_target_", "requires", "exact_kernels", "baseline_kernels")
+
+
+def kernel_options(cfg: Mapping[str, Any]) -> Dict[str, list]:
+    """``{"exact": [...], "baseline": [...]}``: the ``backend.kernel`` values a backend config
+    declares. Exact kernels are reset-aware and pass the oracle conformance suite; baseline
+    kernels (``native``, ``peer``; see ``backends.base.BASELINE_KERNELS``) are for comparison."""
+    return {"exact": list(cfg.get("exact_kernels") or []), "baseline": list(cfg.get("baseline_kernels") or [])}
 
 
 def group_options(group: str) -> list:
