@@ -1,17 +1,27 @@
 """``backend=torch``: the contract's per-sample-reset LSTM in PyTorch.
 
 Parameters are kept in canonical layout (``w_x`` [in, 4H], gates i, f, g, o), so import and
-export are copies. Per layer, the input projection of the whole window is one matmul; only the
-recurrent ``addmm`` and the gate arithmetic run inside the time loop. The reset is a multiply of
-the carried state by ``keep = 1 - reset[:, t]`` before step ``t``, which also zeroes the
-gradient through it. Per-step inputs are taken with ``unbind`` (slicing ``xp[:, t]`` makes
-backward several times slower).
+export are copies. Kernels (``backend.kernel``, recorded as ``kernel`` in ``summary.json``):
 
-Kernels (``backend.kernel``): ``loop`` (eager), ``script`` (the same loop under
-``torch.jit.script``) and ``compile`` (the loop under ``torch.compile``, one graph per window
-shape, compiled in :meth:`TorchBackend.precompile`, outside the timed loop). Measured on 2 CPU
-cores at B=32, T=64, H=256: compile ~1.7x loop's tokens/s, but ~2 min to compile each shape,
-so ``loop`` is the default and ``compile`` suits long runs with few shapes (packed, reset_all).
+- ``fused`` (default): the framework's fused LSTM kernel (``torch._VF.lstm``, the op behind
+  ``nn.LSTM``: oneDNN on the CPU, cuDNN on a GPU) made reset-aware by two constant input
+  columns. No vendor kernel takes a per-row, per-step reset, so :func:`fused_plan` rewrites the
+  window instead: before each mid-window reset it inserts one *zeroing* step whose flag drives
+  the input and forget gates to exactly 0 (so ``c = 0`` and ``h = o * tanh(0) = 0``, and no
+  gradient flows back through the step), and after each row's last token it appends *hold*
+  steps (input gate 0, forget and output gates 1) so every row's ``c`` is held until the end of
+  the rewritten window. Saturated sigmoids are exactly 0 or 1 in float32, so the result equals
+  the contract's math (checked against the oracle like every kernel). A window with ``K`` resets
+  in its busiest row costs ``T + K`` steps instead of ``T``; a window without mid-window resets
+  is one plain fused call (column-0 resets zero the initial state).
+- ``loop``: eager time loop (input projection hoisted, one ``addmm`` per step); the reset is a
+  multiply of the carried state by ``keep = 1 - reset[:, t]``. Per-step inputs via ``unbind``
+  (slicing ``xp[:, t]`` makes backward several times slower).
+- ``script`` (the loop under ``torch.jit.script``) and ``compile`` (the loop under
+  ``torch.compile``, one graph per window shape, built in :meth:`TorchBackend.precompile`).
+- Baselines (``backends.base.BASELINE_KERNELS``): ``native`` is the plain fused kernel (no
+  mid-window reset possible); ``peer`` is ``nn.LSTM``'s kernel over ``pack_padded_sequence``,
+  what a torch user writes for variable-length batches (padded layout only).
 """
 
 from __future__ import annotations
@@ -22,9 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backends.base import Backend, Batch, ConfigError, ModelSpec, OptimizerSpec
+from backends.base import (Backend, Batch, ConfigError, ModelSpec, OptimizerSpec, check_no_mid_reset,
+                           padded_lengths)
 
-KERNELS = ("loop", "script", "compile")
+KERNELS = ("fused", "loop", "script", "compile", "native", "peer")
+LOOP_KERNELS = ("loop", "script", "compile")
 
 
 def lstm_layer_loop(xp: torch.Tensor, keep: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
@@ -47,6 +59,104 @@ def lstm_layer_loop(xp: torch.Tensor, keep: torch.Tensor, h: torch.Tensor, c: to
     return torch.stack(outs, 1), h, c
 
 
+# --------------------------------------------------------------------------- the fused kernel
+SATURATE = 1e6   # flag weight: sigmoid(-1e6 + z) == 0.0 and sigmoid(1e6 + z) == 1.0 in float32
+
+
+class FusedPlan:
+    """Where a window's tokens go in the rewritten window of the ``fused`` kernel (host side).
+
+    ``reset`` [B, T] bool -> ``flat`` (index of each token in the flattened [B * T2] rewritten
+    window), ``last`` (each row's last token there), ``flags`` [B, T2, 2] float32 (column 0:
+    zeroing step, column 1: hold step) and ``T2 = T + K`` (``K``: most mid-window resets in a row).
+    """
+
+    def __init__(self, reset: np.ndarray):
+        B, T = reset.shape
+        mid = reset.copy()
+        mid[:, 0] = False                                   # column 0: zero the initial state instead
+        self.K = int(mid.sum(axis=1).max(initial=0))
+        self.T2 = T2 = T + self.K
+        pos = np.arange(T)[None, :] + np.cumsum(mid, axis=1)        # each token shifts by the resets so far
+        flags = np.zeros((B, T2, 2), np.float32)
+        rows, cols = np.nonzero(mid)
+        flags[rows, pos[rows, cols] - 1, 0] = 1.0                  # zeroing step just before the reset
+        flags[:, :, 1] = np.arange(T2)[None, :] > pos[:, -1:]      # hold steps after the last token
+        offset = (np.arange(B) * T2)[:, None]
+        self.flat = (pos + offset).reshape(-1)
+        self.last = pos[:, -1] + offset[:, 0]
+        self.flags = flags
+
+
+def flag_weights(H: int, like: torch.Tensor) -> torch.Tensor:
+    """[4H, 2] input weights of the two flag columns (gate blocks i, f, g, o)."""
+    w = like.new_zeros(4 * H, 2)
+    w[:2 * H, 0] = -SATURATE                 # zeroing: i = f = 0 -> c = 0, h = 0
+    w[:H, 1] = -SATURATE                     # hold: i = 0, f = 1 -> c unchanged
+    w[H:2 * H, 1] = SATURATE
+    w[3 * H:, 1] = SATURATE                  # o = 1 (h = tanh(c), never read)
+    return w
+
+
+def _vf_lstm(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, params: List[torch.Tensor], layers: int):
+    """``torch._VF.lstm`` (the op inside ``nn.LSTM``), batch-first; ``params`` per layer:
+    weight_ih [4H, in], weight_hh [4H, H], bias_ih, bias_hh. Returns out, h_n, c_n."""
+    return torch._VF.lstm(x, (h0, c0), params, True, layers, 0.0, torch.is_grad_enabled(), False, True)
+
+
+def lstm_layers_fused(inp: torch.Tensor, reset: np.ndarray, h0: torch.Tensor, c0: torch.Tensor,
+                      weights: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """All LSTM layers over a window with per-row, per-step resets through the fused kernel.
+
+    ``inp`` [B, T, E]; ``reset`` [B, T] bool (NumPy); ``h0``, ``c0`` [L, B, H]; ``weights``
+    canonical ``(w_x, w_h, b)`` per layer. Returns outputs [B, T, H] and final ``h``, ``c``
+    [L, B, H]. See the module docstring for the rewrite that makes the resets exact."""
+    B, T, _ = inp.shape
+    H = h0.shape[-1]
+    keep0 = torch.from_numpy(~reset[:, 0]).to(inp.device, inp.dtype)[None, :, None]
+    h0, c0 = h0 * keep0, c0 * keep0
+    zeros = inp.new_zeros(4 * H)
+    plan = FusedPlan(reset)
+    if plan.K == 0:                                      # no mid-window reset: one plain fused call
+        params = [p for w_x, w_h, b in weights for p in (w_x.t(), w_h.t(), b, zeros)]
+        return _vf_lstm(inp, h0, c0, params, len(weights))
+    dev = inp.device
+    flat = torch.from_numpy(plan.flat).to(dev)
+    last = torch.from_numpy(plan.last).to(dev)
+    flags = torch.from_numpy(plan.flags).to(dev, inp.dtype)
+    fw = flag_weights(H, inp)
+    x = inp.new_zeros(B * plan.T2, inp.shape[-1]).index_copy(0, flat, inp.reshape(B * T, -1))
+    x = x.view(B, plan.T2, -1)
+    hs, cs = [], []
+    for layer, (w_x, w_h, b) in enumerate(weights):
+        params = [torch.cat([w_x.t(), fw], 1), w_h.t(), b, zeros]
+        x, _, c = _vf_lstm(torch.cat([x, flags], 2), h0[layer:layer + 1], c0[layer:layer + 1], params, 1)
+        hs.append(x.reshape(B * plan.T2, H).index_select(0, last))   # h after the row's last token
+        cs.append(c[0])                                              # c, held since then
+    out = x.reshape(B * plan.T2, H).index_select(0, flat).view(B, T, H)
+    return out, torch.stack(hs), torch.stack(cs)
+
+
+def lstm_layers_packed(inp: torch.Tensor, lengths: np.ndarray, h0: torch.Tensor, c0: torch.Tensor,
+                       weights: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """The ``peer`` baseline: ``nn.LSTM``'s kernel over ``pack_padded_sequence`` (zero initial
+    state). Returns outputs [B, T, H] (zeros at padding) and the state after each row's last
+    valid token, [L, B, H] each."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    B, T, _ = inp.shape
+    zeros = inp.new_zeros(4 * weights[0][1].shape[0])
+    params = [p for w_x, w_h, b in weights for p in (w_x.t(), w_h.t(), b, zeros)]
+    packed = pack_padded_sequence(inp, torch.from_numpy(np.maximum(lengths, 1)), batch_first=True,
+                                  enforce_sorted=False)
+    h0 = torch.zeros_like(h0)
+    out, h, c = torch._VF.lstm(packed.data, packed.batch_sizes, (h0, c0.new_zeros(h0.shape)), params, True,
+                               len(weights), 0.0, torch.is_grad_enabled(), False)
+    out, _ = pad_packed_sequence(packed._replace(data=out), batch_first=True, total_length=T)
+    order = packed.unsorted_indices
+    return out, h.index_select(1, order), c.index_select(1, order)
+
+
 _SCRIPTED: Dict[str, Any] = {}
 
 
@@ -67,14 +177,17 @@ class ResetLSTM(torch.nn.Module):
     i, f, g, o): ``nn.LSTM``'s ``weight_ih_l0`` is ``w_x.T`` and ``bias_ih + bias_hh`` is ``b``.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, script: bool = False):
+    def __init__(self, input_size: int, hidden_size: int, kernel: str = "fused", script: bool = False):
         super().__init__()
+        if kernel not in ("fused", "loop", "script"):
+            raise ValueError(f"ResetLSTM kernel={kernel!r}: allowed fused, loop, script")
         bound = hidden_size ** -0.5
         self.hidden_size = hidden_size
         self.w_x = torch.nn.Parameter(torch.empty(input_size, 4 * hidden_size).uniform_(-bound, bound))
         self.w_h = torch.nn.Parameter(torch.empty(hidden_size, 4 * hidden_size).uniform_(-bound, bound))
         self.b = torch.nn.Parameter(torch.zeros(4 * hidden_size))
-        self._layer = _scripted_layer() if script else lstm_layer_loop
+        self.kernel = "script" if script else kernel
+        self._layer = _scripted_layer() if self.kernel == "script" else lstm_layer_loop
 
     def forward(self, x: torch.Tensor, reset: torch.Tensor,
                 state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
@@ -82,6 +195,10 @@ class ResetLSTM(torch.nn.Module):
         if state is None:
             zeros = x.new_zeros(B, self.hidden_size)
             state = (zeros, zeros)
+        if self.kernel == "fused":          # the rewrite is planned on the host: reset goes to NumPy
+            out, h, c = lstm_layers_fused(x, reset.detach().bool().cpu().numpy(), state[0][None],
+                                          state[1][None], [(self.w_x, self.w_h, self.b)])
+            return out, (h[0], c[0])
         keep = (~reset.bool()).to(x.dtype).unsqueeze(-1)
         xp = torch.matmul(x, self.w_x) + self.b
         out, h, c = self._layer(xp, keep, state[0], state[1], self.w_h)
@@ -112,7 +229,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optimizer: OptimizerSpec,
-                 batch_size: int, device: str = "auto", kernel: str = "loop",
+                 batch_size: int, device: str = "auto", kernel: str = "fused",
                  threads: Optional[int] = None, **options: Any):
         super().__init__(spec, weights, optimizer, batch_size, device, **options)
         if kernel not in KERNELS:
@@ -121,11 +238,13 @@ class TorchBackend(Backend):
             torch.set_num_threads(int(threads))
         self.dev = resolve_device(device)
         self.device = self.dev.type
-        self.kernel = f"torch.{kernel}"
-        self._layer = {"loop": lstm_layer_loop, "script": _scripted_layer,
-                       "compile": _compiled_layer}[kernel]
-        if kernel != "loop":
-            self._layer = self._layer()
+        self.kernel_option = kernel
+        self.kernel = {"native": "torch.native.nn_LSTM", "peer": "torch.peer.pack_padded_sequence"}.get(
+            kernel, f"torch.{kernel}")
+        self._layer = None
+        if kernel in LOOP_KERNELS:
+            self._layer = {"loop": lambda: lstm_layer_loop, "script": _scripted_layer,
+                           "compile": _compiled_layer}[kernel]()
         self.p = {k: torch.nn.Parameter(torch.tensor(np.asarray(v, np.float32), device=self.dev))
                   for k, v in weights.items()}
         params = list(self.p.values())
@@ -139,25 +258,42 @@ class TorchBackend(Backend):
         self.reset_state(batch_size)
 
     # -- model ---------------------------------------------------------------------------------
-    def _to_device(self, batch: Batch) -> Tuple[torch.Tensor, ...]:
+    def _to_device(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         nb = self.dev.type == "cuda"
         x = torch.from_numpy(batch.x).to(self.dev, non_blocking=nb)
         y = torch.from_numpy(batch.y).to(self.dev, non_blocking=nb).long()
         mask = torch.from_numpy(batch.mask).to(self.dev, non_blocking=nb)
-        keep = torch.from_numpy(~batch.reset).to(self.dev, non_blocking=nb).to(torch.float32).unsqueeze(-1)
-        return x, y, mask, keep
+        return x, y, mask
 
-    def _logits(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Forward from the carried state; stores the (detached) final state."""
-        inp = F.embedding(x, self.p["embedding"])
+    def _lstm_weights(self) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return [(self.p[f"lstm.{l}.w_x"], self.p[f"lstm.{l}.w_h"], self.p[f"lstm.{l}.b"])
+                for l in range(self.spec.layers)]
+
+    def _layers_loop(self, inp: torch.Tensor, batch: Batch):
+        keep = torch.from_numpy(~batch.reset).to(self.dev, torch.float32).unsqueeze(-1)
         hs, cs = [], []
-        for layer in range(self.spec.layers):
-            xp = torch.matmul(inp, self.p[f"lstm.{layer}.w_x"]) + self.p[f"lstm.{layer}.b"]
-            inp, h, c = self._layer(xp, keep, self.h[layer], self.c[layer], self.p[f"lstm.{layer}.w_h"])
-            hs.append(h.detach())
-            cs.append(c.detach())
-        self.h, self.c = torch.stack(hs), torch.stack(cs)
-        return torch.matmul(inp, self.p["head.w"]) + self.p["head.b"]
+        for layer, (w_x, w_h, b) in enumerate(self._lstm_weights()):
+            inp, h, c = self._layer(torch.matmul(inp, w_x) + b, keep, self.h[layer], self.c[layer], w_h)
+            hs.append(h)
+            cs.append(c)
+        return inp, torch.stack(hs), torch.stack(cs)
+
+    def _layers(self, inp: torch.Tensor, batch: Batch):
+        """All LSTM layers from the carried state with the chosen kernel: outputs, final h, c."""
+        kernel = self.kernel_option
+        if kernel in LOOP_KERNELS:
+            return self._layers_loop(inp, batch)
+        if kernel == "peer":
+            return lstm_layers_packed(inp, padded_lengths(batch, "peer"), self.h, self.c, self._lstm_weights())
+        if kernel == "native":
+            check_no_mid_reset(batch, "native")
+        return lstm_layers_fused(inp, batch.reset, self.h, self.c, self._lstm_weights())
+
+    def _logits(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Forward from the carried state; stores the (detached) final state."""
+        out, h, c = self._layers(F.embedding(x, self.p["embedding"]), batch)
+        self.h, self.c = h.detach(), c.detach()
+        return torch.matmul(out, self.p["head.w"]) + self.p["head.b"]
 
     @staticmethod
     def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -165,8 +301,8 @@ class TorchBackend(Backend):
                                reduction="none").view_as(y.float())
 
     def _loss(self, batch: Batch) -> torch.Tensor:
-        x, y, mask, keep = self._to_device(batch)
-        ce = self._ce(self._logits(x, keep), y)
+        x, y, mask = self._to_device(batch)
+        ce = self._ce(self._logits(x, batch), y)
         return (ce * mask).sum() / mask.sum().clamp(min=1.0)
 
     def _clip(self) -> None:
@@ -201,13 +337,13 @@ class TorchBackend(Backend):
 
     @torch.no_grad()
     def forward(self, batch: Batch) -> np.ndarray:
-        x, _, _, keep = self._to_device(batch)
-        return self._logits(x, keep).cpu().numpy()
+        x, _, _ = self._to_device(batch)
+        return self._logits(x, batch).cpu().numpy()
 
     @torch.no_grad()
     def eval_step(self, batch: Batch) -> float:
-        x, y, mask, keep = self._to_device(batch)
-        return float((self._ce(self._logits(x, keep), y) * mask).sum())
+        x, y, mask = self._to_device(batch)
+        return float((self._ce(self._logits(x, batch), y) * mask).sum())
 
     def get_state(self) -> Tuple[np.ndarray, np.ndarray]:
         return self.h.cpu().numpy().copy(), self.c.cpu().numpy().copy()
@@ -223,7 +359,7 @@ class TorchBackend(Backend):
     def precompile(self, train_shapes, eval_shapes=()) -> None:
         """For ``kernel=compile``: build the forward+backward graphs of every train shape and the
         no-grad graph of every eval shape on dummy tensors (weights, optimizer and state untouched)."""
-        if not self.kernel.endswith("compile"):
+        if self.kernel_option != "compile":
             return
         H = self.spec.hidden
         w_h = self.p["lstm.0.w_h"].detach().clone().requires_grad_(True)

@@ -21,6 +21,29 @@ def backend_names(include_oracle: bool = False):
     return [n for n in names if include_oracle or n != "numpy"]
 
 
+# Exact kernels left out of the shared conformance suite because each new window shape costs
+# minutes of compilation; tests/test_torch_kernels.py runs the oracle parity for them on one shape.
+SLOW_KERNELS = {("torch", "compile")}
+
+
+def backend_variants():
+    """``"backend:kernel"`` for every exact (reset-aware) kernel each registered backend declares
+    (``exact_kernels`` in ``conf/backend/*.yaml``), or just ``"backend"`` if it declares none."""
+    out = []
+    for name in backend_names():
+        exact = registry.kernel_options(registry.backend_configs()[name])["exact"]
+        out += [f"{name}:{k}" for k in exact if (name, k) not in SLOW_KERNELS] if exact else [name]
+    return out
+
+
+def make_variant(variant: str, spec: ModelSpec, weights, optimizer: OptimizerSpec, batch_size: int, **kw):
+    """:func:`make_backend` for a ``"backend:kernel"`` string from :func:`backend_variants`."""
+    name, _, kernel = variant.partition(":")
+    if kernel:
+        kw["kernel"] = kernel
+    return make_backend(name, spec, weights, optimizer, batch_size, **kw)
+
+
 def make_backend(name: str, spec: ModelSpec, weights, optimizer: OptimizerSpec, batch_size: int, **kw):
     """Build a registered backend on the CPU. A missing framework skips the test, except under
     RESETBENCH_REQUIRE_ALL=1 (CI), where it fails."""

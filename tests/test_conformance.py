@@ -1,6 +1,7 @@
 """Backend conformance: every registered adapter against the NumPy oracle, in float32 tolerance.
 
-Parametrized over ``conf/backend/*.yaml``: adding a backend adds it here. Every batch has
+Parametrized over ``conf/backend/*.yaml`` and every exact kernel each declares
+(``exact_kernels``): adding a backend or a kernel adds it here. Every batch has
 mid-window resets and starts from a carried (non-zero) state.
 """
 
@@ -13,10 +14,10 @@ from backends import reference as ref
 from backends.base import Batch, OptimizerSpec, canonical_shapes
 from benchmarks.data import Corpus
 from benchmarks.strategies import Packed
-from tests.helpers import (TINY, assert_close, backend_names, make_backend, mid_reset_batches,
+from tests.helpers import (TINY, assert_close, backend_variants, make_variant, mid_reset_batches,
                            oracle, random_batch, random_state, tiny_weights)
 
-BACKENDS = backend_names()
+BACKENDS = backend_variants()
 SGD = OptimizerSpec("sgd", lr=0.5)
 B, T = 4, 9
 
@@ -28,7 +29,7 @@ def name(request):
 
 def _pair(name, optimizer=SGD, batch_size=B, spec=TINY, seed=0, **kw):
     w = tiny_weights(seed, spec)
-    return make_backend(name, spec, w, optimizer, batch_size, **kw), oracle(spec, w, optimizer, batch_size)
+    return make_variant(name, spec, w, optimizer, batch_size, **kw), oracle(spec, w, optimizer, batch_size)
 
 
 def test_weights_roundtrip(name):
