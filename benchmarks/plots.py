@@ -29,7 +29,7 @@ STRATEGIES = ("padded", "reset_all", "packed")
 BACKENDS = ("torch", "jax", "keras", "numpy")
 COLORS = {"padded": "#d62728", "reset_all": "#ff7f0e", "packed": "#2ca02c"}
 MARKERS = {"torch": "o", "jax": "s", "keras": "^", "numpy": "x"}
-TABLES = ("runs", "steps", "evals", "lengths")
+TABLES = ("runs", "steps", "evals", "lengths", "kernels", "matmul")
 
 
 class NoData(ValueError):
@@ -383,6 +383,51 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kernels_figure(kernels, matmul, path: str) -> str:
+    """``kernels.png`` from ``python -m benchmarks.kernels``: left, each reset-aware kernel's
+    tokens/s over its framework's native no-reset LSTM (same shape) against reset density, with
+    the 0.9x target; right, useful model FLOP/s as a share of the best measured matmul peak."""
+    ker = _need(pd.DataFrame(kernels), "kernel benchmark rows (kernels.csv)", ["reset_cost_ratio"])
+    mm = pd.DataFrame(matmul)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    exact = ker[~ker["kernel_option"].isin(["native", "peer"])]
+    shapes = sorted({(int(r.B), int(r.T), int(r.H)) for r in ker.itertuples()})
+    styles = ["-", "--", ":", "-."]
+    colors = {}
+    for (backend, kernel), g in exact.groupby(["backend", "kernel"]):
+        color = colors.setdefault((backend, kernel), f"C{len(colors)}")
+        for shape, ls in zip(shapes, styles):
+            sub = g[(g["B"] == shape[0]) & (g["T"] == shape[1]) & (g["H"] == shape[2])].sort_values("density")
+            if len(sub):
+                ax1.plot(sub["density"] * 100, sub["reset_cost_ratio"], ls, marker="o", color=color,
+                         label=f"{kernel} B{shape[0]} T{shape[1]} H{shape[2]}")
+    ax1.axhline(1.0, color="grey", lw=0.8)
+    ax1.axhline(0.9, color="red", lw=0.8, ls="--", label="target 0.9x")
+    ax1.set_xscale("symlog", linthresh=1)
+    ax1.set_xlabel("reset density (% of positions)")
+    ax1.set_ylabel("tokens/s / native no-reset LSTM's")
+    ax1.set_title("Cost of per-sample resets (full train step)")
+    ax1.legend(fontsize=7)
+    at3 = ker[(ker["density"].round(4) == 0.03) | ker["kernel_option"].isin(["native", "peer"])]
+    labels, vals = [], []
+    for r in at3.sort_values(["backend", "B", "kernel"]).itertuples():
+        tag = "no resets" if r.kernel_option in ("native", "peer") else "3% resets"
+        labels.append(f"{r.kernel} ({tag})\nB{r.B} T{r.T} H{r.H}")
+        vals.append(r.peak_fraction * 100)
+    ax2.barh(range(len(vals)), vals, color=["C0" if "no resets" in l else "C1" for l in labels])
+    ax2.set_yticks(range(len(vals)), labels, fontsize=6)
+    ax2.axvline(60, color="red", ls="--", lw=0.8, label="target 60%")
+    if len(mm):
+        sq = mm[mm["gemm"].str.startswith("square")]
+        peak = sq["gflops"].max()
+        ax2.set_title("Model FLOP/s, % of best matmul peak (" + ", ".join(
+            f"{r.backend} {r.gflops:.0f}" for r in sq.itertuples()) + f" GFLOP/s; best {peak:.0f})", fontsize=8)
+    ax2.set_xlabel("% of peak")
+    ax2.invert_yaxis()
+    ax2.legend(fontsize=7)
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------- command line
 def figure_specs(suffix: str = "") -> List[Tuple[str, Callable[[Mapping[str, pd.DataFrame], str], str]]]:
     """(file name, draw(tables, path)) for every figure; ``suffix`` picks e.g. the _debug experiments."""
@@ -395,6 +440,7 @@ def figure_specs(suffix: str = "") -> List[Tuple[str, Callable[[Mapping[str, pd.
         ("gain_vs_padding.png", lambda t, p: plot_gain_vs_padding(t["runs"], p, w)),
         ("lengths.png", lambda t, p: plot_lengths(t["lengths"], p)),
         ("loss_vs_window.png", lambda t, p: plot_loss_vs_window(t["runs"], p, win)),
+        ("kernels.png", lambda t, p: kernels_figure(t["kernels"], t["matmul"], p)),
     ]
 
 
