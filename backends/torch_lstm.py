@@ -137,6 +137,47 @@ def lstm_layers_fused(inp: torch.Tensor, reset: np.ndarray, h0: torch.Tensor, c0
     return out, torch.stack(hs), torch.stack(cs)
 
 
+def row_groups(reset: np.ndarray, min_saving: float = 0.05) -> List[np.ndarray]:
+    """Rows to run as separate fused calls: one group, or two split by mid-window reset count
+    when that saves at least ``min_saving`` of the rewritten window's slots. Every row of a group
+    pays for the group's busiest row (``T + K`` steps), so a few busy rows would otherwise pad
+    all the others; a second call costs a pass over the weights per step, hence the threshold."""
+    B, T = reset.shape
+    k = reset[:, 1:].sum(axis=1)
+    order = np.argsort(k, kind="stable")
+    ks = k[order]
+    whole = B * (T + int(ks[-1])) if B else 0
+    if B < 2 or ks[0] == ks[-1]:
+        return [np.arange(B)]
+    split = np.arange(1, B)
+    slots = split * (T + ks[split - 1]) + (B - split) * (T + ks[-1])
+    best = int(np.argmin(slots))
+    if slots[best] > (1.0 - min_saving) * whole:
+        return [np.arange(B)]
+    cut = int(split[best])
+    return [np.sort(order[:cut]), np.sort(order[cut:])]
+
+
+def lstm_layers_fused_grouped(inp: torch.Tensor, reset: np.ndarray, h0: torch.Tensor, c0: torch.Tensor,
+                              weights: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """:func:`lstm_layers_fused` over the row groups of :func:`row_groups` (rows are independent,
+    so each group runs the whole layer stack on its own); same inputs and outputs."""
+    groups = row_groups(reset)
+    if len(groups) == 1:
+        return lstm_layers_fused(inp, reset, h0, c0, weights)
+    outs, hs, cs = [], [], []
+    for rows in groups:
+        idx = torch.from_numpy(rows).to(inp.device)
+        o, h, c = lstm_layers_fused(inp.index_select(0, idx), reset[rows], h0.index_select(1, idx),
+                                    c0.index_select(1, idx), weights)
+        outs.append(o)
+        hs.append(h)
+        cs.append(c)
+    inv = torch.from_numpy(np.argsort(np.concatenate(groups))).to(inp.device)
+    return (torch.cat(outs).index_select(0, inv), torch.cat(hs, 1).index_select(1, inv),
+            torch.cat(cs, 1).index_select(1, inv))
+
+
 def lstm_layers_packed(inp: torch.Tensor, lengths: np.ndarray, h0: torch.Tensor, c0: torch.Tensor,
                        weights: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     """The ``peer`` baseline: ``nn.LSTM``'s kernel over ``pack_padded_sequence`` (zero initial
@@ -196,7 +237,7 @@ class ResetLSTM(torch.nn.Module):
             zeros = x.new_zeros(B, self.hidden_size)
             state = (zeros, zeros)
         if self.kernel == "fused":          # the rewrite is planned on the host: reset goes to NumPy
-            out, h, c = lstm_layers_fused(x, reset.detach().bool().cpu().numpy(), state[0][None],
+            out, h, c = lstm_layers_fused_grouped(x, reset.detach().bool().cpu().numpy(), state[0][None],
                                           state[1][None], [(self.w_x, self.w_h, self.b)])
             return out, (h[0], c[0])
         keep = (~reset.bool()).to(x.dtype).unsqueeze(-1)
@@ -287,7 +328,7 @@ class TorchBackend(Backend):
             return lstm_layers_packed(inp, padded_lengths(batch, "peer"), self.h, self.c, self._lstm_weights())
         if kernel == "native":
             check_no_mid_reset(batch, "native")
-        return lstm_layers_fused(inp, batch.reset, self.h, self.c, self._lstm_weights())
+        return lstm_layers_fused_grouped(inp, batch.reset, self.h, self.c, self._lstm_weights())
 
     def _logits(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Forward from the carried state; stores the (detached) final state."""

@@ -57,7 +57,7 @@ def _check_runs(runs, experiment, n):
     assert runs["run_dir"].is_unique
 
 
-@pytest.mark.parametrize("name", ["compare_debug", "waste_debug", "window_debug"])
+@pytest.mark.parametrize("name", ["compare_debug", "waste_debug", "window_debug", "peers_debug"])
 def test_debug_experiment_runs_and_is_collected(tmp_path, name):
     axes = sweep_axes(name)
     extra = []
@@ -80,7 +80,8 @@ def test_debug_experiment_runs_and_is_collected(tmp_path, name):
     _check_runs(runs, name, n)
     # every point of the sweep is there exactly once
     columns = {"backend": "backend", "strategy": "strategy", "train.seed": "seed",
-               "train.window": "window", "data.length.sigma": "data.length.sigma"}
+               "train.window": "window", "data.length.sigma": "data.length.sigma",
+               "backend.kernel": "backend.kernel"}
     seen = {tuple(str(row[columns[k]]) for k in axes) for _, row in runs.iterrows()}
     assert seen == set(itertools.product(*axes.values()))
     # the fixed token budget stopped each run; periodic evals give loss curves
@@ -111,7 +112,9 @@ def test_full_experiments_compose_with_their_axes():
     from omegaconf import OmegaConf
 
     from benchmarks.config import validate
-    for name in ("compare", "waste", "window", "compare_debug", "waste_debug", "window_debug"):
+    assert sweep_axes("peers") == {"backend": ["torch", "jax", "keras"], "strategy": ["padded"],
+                                   "backend.kernel": ["peer"], "train.seed": ["0", "1", "2"]}
+    for name in ("compare", "waste", "window", "peers", "compare_debug", "waste_debug", "window_debug", "peers_debug"):
         with initialize_config_dir(config_dir=registry.CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="config", overrides=[f"+experiment={name}"], return_hydra_config=True)
         assert cfg.hydra.sweep.dir.startswith(f"results/runs/{name}_")

@@ -144,3 +144,18 @@ def test_peer_refuses_other_layouts():
     for batch, why in ((carried, "carries state"), (holes, "not a prefix"), (mid, "mid-window")):
         with pytest.raises(ValueError, match=why):
             be.train_step(batch)
+
+
+def test_row_groups_split_off_busy_rows_only_when_it_pays():
+    from backends.torch_lstm import row_groups
+    reset = np.zeros((8, 32), bool)
+    assert [g.tolist() for g in row_groups(reset)] == [list(range(8))]          # nothing resets
+    reset[3, 1:20] = True                                                      # one busy row
+    groups = row_groups(reset)
+    assert [g.tolist() for g in groups] == [[0, 1, 2, 4, 5, 6, 7], [3]]
+    even = np.zeros((8, 32), bool)
+    even[:, 5] = True                                                          # same count everywhere
+    assert len(row_groups(even)) == 1
+    few = np.zeros((8, 32), bool)
+    few[0, 4] = True                                                           # saves < 5% of slots
+    assert len(row_groups(few)) == 1
