@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.resetbench-installed
 EXTRAS ?= all,dev
 ARGS   ?=
 
-.PHONY: setup bench test plots tables clean-venv
+.PHONY: setup bench test plots tables kernels clean-venv
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ clean-venv:
 plots: $(STAMP)
 	$(PY) -m benchmarks.plots
 
-# rebuild results/tables from the newest compare/waste/window sweeps under results/runs
+# rebuild results/tables from the newest compare/waste/window/peers sweeps under results/runs
 tables: $(STAMP)
-	$(PY) -m benchmarks.results results/runs --latest --experiments compare,waste,window
+	$(PY) -m benchmarks.results results/runs --latest --experiments compare,waste,window,peers
+
+# kernel benchmark: every backend's kernels vs its native no-reset LSTM, matmul peaks
+# (results/tables/kernels.csv, matmul.csv, results/figures/kernels.png; ~15 min on 2 CPU cores)
+kernels: $(STAMP)
+	$(PY) -m benchmarks.kernels $(ARGS)

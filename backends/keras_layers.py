@@ -37,7 +37,8 @@ the recurrent matmul and the gate arithmetic. Loop implementations (``implementa
   graph mode 25k vs 17k at T=64.
 - ``"auto"`` (default): ``tf_bptt`` on the TensorFlow backend, ``scan`` elsewhere.
 
-Written with ``keras.ops``; only the ``tf_*`` loops import TensorFlow.
+Written with ``keras.ops``; only the ``tf_*`` loops import TensorFlow. :func:`reset_lstm` is the
+layer's computation as a function of its weights (for weights held by another layer).
 """
 
 from __future__ import annotations
@@ -161,6 +162,45 @@ def _tf_bptt_loop(xp, keep, h0, c0, w_h, units: int):
         return (outs, hT, cT), grad
 
     return run(xp, keep, h0, c0, w_h)
+
+
+def reset_lstm(inputs, resets, h0, c0, kernel, recurrent_kernel, bias, implementation: str = "tf_bptt",
+               dtype: str = "float32"):
+    """The computation of :class:`ResetLSTM` as a function of its weights (``kernel`` [F, 4H],
+    ``recurrent_kernel`` [H, 4H], ``bias`` [4H]): ``inputs`` [B, T, F], ``resets`` [B, T] bool or
+    None, initial state ``h0, c0`` [B, H] in ``dtype``. ``implementation`` is a resolved loop (not
+    ``auto``; ``unroll`` needs a static T). Returns the hidden states [B, T, H] and the final
+    ``h, c``."""
+    impl, H = implementation, int(recurrent_kernel.shape[0])
+    w_x = ops.cast(kernel, dtype)
+    w_h = ops.cast(recurrent_kernel, dtype)
+    b = ops.cast(bias, dtype)
+    xp = ops.matmul(inputs, w_x) + b                         # [B, T, 4H], hoisted
+    if resets is None:
+        keep = ops.ones(ops.shape(xp)[:2] + (1,), dtype)
+    else:
+        keep = ops.expand_dims(1.0 - ops.cast(resets, dtype), -1)  # [B, T, 1]
+    if impl == "tf_bptt":
+        outs, h, c = _tf_bptt_loop(xp, keep, h0, c0, w_h, H)
+    elif impl == "tf_while":
+        outs, h, c = _tf_while_loop(xp, keep, h0, c0, w_h, H)
+    elif impl == "unroll":
+        h, c, seq = h0, c0, []
+        for xp_t, k_t in zip(ops.unstack(xp, axis=1), ops.unstack(keep, axis=1)):
+            h, c = _lstm_step(h, c, xp_t, k_t, w_h, H)
+            seq.append(h)
+        outs = ops.stack(seq, axis=1)
+    else:
+        # One scanned tensor [T, B, 4H + 1] (projection and keep side by side): Keras 3.15's
+        # TensorFlow scan fails on several scanned tensors when T is unknown at trace time.
+        # Its outputs must be shaped like the carry, hence (h, h).
+        def step(carry, xk):
+            h, c = _lstm_step(carry[0], carry[1], xk[:, :4 * H], xk[:, 4 * H:], w_h, H)
+            return (h, c), (h, h)
+        xk = ops.moveaxis(ops.concatenate([xp, keep], axis=-1), 1, 0)
+        (h, c), (outs, _) = ops.scan(step, (h0, c0), xk)
+        outs = ops.moveaxis(outs, 0, 1)
+    return outs, h, c
 
 
 @keras.saving.register_keras_serializable(package="resetbench")
@@ -288,35 +328,8 @@ class ResetLSTM(keras.layers.Layer):
             h0, c0 = ops.cast(h0, dtype), ops.cast(c0, dtype)
         else:
             h0 = c0 = ops.zeros((batch, H), dtype)
-        w_x = ops.cast(self.kernel, dtype)
-        w_h = ops.cast(self.recurrent_kernel, dtype)
-        b = ops.cast(self.bias, dtype)
-        xp = ops.matmul(inputs, w_x) + b                         # [B, T, 4H], hoisted
-        if resets is None:
-            keep = ops.ones(ops.shape(xp)[:2] + (1,), dtype)
-        else:
-            keep = ops.expand_dims(1.0 - ops.cast(resets, dtype), -1)  # [B, T, 1]
-        impl = self._impl(inputs.shape[1])
-        if impl == "tf_bptt":
-            outs, h, c = _tf_bptt_loop(xp, keep, h0, c0, w_h, H)
-        elif impl == "tf_while":
-            outs, h, c = _tf_while_loop(xp, keep, h0, c0, w_h, H)
-        elif impl == "unroll":
-            h, c, seq = h0, c0, []
-            for xp_t, k_t in zip(ops.unstack(xp, axis=1), ops.unstack(keep, axis=1)):
-                h, c = _lstm_step(h, c, xp_t, k_t, w_h, H)
-                seq.append(h)
-            outs = ops.stack(seq, axis=1)
-        else:
-            # One scanned tensor [T, B, 4H + 1] (projection and keep side by side): Keras 3.15's
-            # TensorFlow scan fails on several scanned tensors when T is unknown at trace time.
-            # Its outputs must be shaped like the carry, hence (h, h).
-            def step(carry, xk):
-                h, c = _lstm_step(carry[0], carry[1], xk[:, :4 * H], xk[:, 4 * H:], w_h, H)
-                return (h, c), (h, h)
-            xk = ops.moveaxis(ops.concatenate([xp, keep], axis=-1), 1, 0)
-            (h, c), (outs, _) = ops.scan(step, (h0, c0), xk)
-            outs = ops.moveaxis(outs, 0, 1)
+        outs, h, c = reset_lstm(inputs, resets, h0, c0, self.kernel, self.recurrent_kernel, self.bias,
+                                self._impl(inputs.shape[1]), dtype)
         if self.stateful and initial_state is None:
             self.state_h.assign(ops.stop_gradient(h))
             self.state_c.assign(ops.stop_gradient(c))

@@ -13,8 +13,26 @@ adds epsilon to ``sqrt(v)`` before bias correction ("epsilon hat") while the con
 tensors passed into and returned from the compiled functions (detached: the tape never sees them
 as variables).
 
-Options (``conf/backend/keras.yaml``): ``jit_compile`` (``auto``/``true``/``false``), ``loop``
-(the layer's time-loop implementation), ``threads``.
+Options (``conf/backend/keras.yaml``): ``kernel``, ``jit_compile`` (``auto``/``true``/``false``),
+``loop`` (the layer's time-loop implementation), ``threads``.
+
+Kernels (``kernel``; recorded as ``keras.{xla,tf_function}[.LOOP]`` for ``reset``, and with
+``.native.LSTM`` / ``.peer.LSTM_mask`` for the baselines, ``backends.base.BASELINE_KERNELS``):
+
+- ``reset`` (exact): the ResetLSTM layers above.
+- ``native``: Keras's built-in ``keras.layers.LSTM`` (its own ``tf.while_loop`` with TensorFlow's
+  autodiff, or cuDNN on a GPU in graph mode), which cannot reset a row mid-window: a column-0
+  reset zeroes that row's initial state (``initial_state``), a later one is refused (ValueError,
+  checked on the host). On 2 CPU cores it is slower than ``reset`` (see ``_baseline_jit``).
+- ``peer``: what a Keras user writes for variable-length batches: ``keras.layers.LSTM`` with a
+  padding mask (``positions < length``), on the ``padded`` layout only (ValueError otherwise).
+  Masked steps carry the state, so the state left is each row's state after its last token; the
+  logits at padded positions are Keras's (they do not count in the loss).
+
+Both baselines are the same model as ``reset`` with ``keras.layers.LSTM`` in place of ResetLSTM
+(same weights in canonical keys: Keras's LSTM layout and gate order are the contract's), the same
+loss, tape and optimizer. Their ``eval_step`` runs the reset-aware loop on the same weights,
+because the eval set is packed streams (contract: every sequence from a zero state).
 """
 
 from __future__ import annotations
@@ -26,8 +44,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from backends.base import (Backend, Batch, ConfigError, ModelSpec, OptimizerSpec, canonical_shapes,
-                           check_weights)
+from backends.base import (BASELINE_KERNELS, Backend, Batch, ConfigError, ModelSpec, OptimizerSpec,
+                           canonical_shapes, check_no_mid_reset, check_weights, padded_lengths)
 
 
 def _prepare_environment() -> None:
@@ -113,7 +131,7 @@ def _import_quietly():
 _prepare_environment()
 tf, keras = _import_quietly()
 
-from backends.keras_layers import IMPLEMENTATIONS, ResetLSTM  # noqa: E402
+from backends.keras_layers import IMPLEMENTATIONS, ResetLSTM, reset_lstm  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")
 _CONFIGURED: Dict[str, Any] = {}
@@ -161,18 +179,26 @@ def _parse_jit(value: Any) -> Any:
 
 
 class KerasBackend(Backend):
-    """Keras 3 (TensorFlow) adapter: ResetLSTM layers, compiled train step, Adam or SGD, clipping."""
+    """Keras 3 (TensorFlow) adapter: ResetLSTM layers (or ``keras.layers.LSTM`` for the baseline
+    kernels), compiled train step, Adam or SGD, clipping."""
 
     name = "keras"
+    KERNELS = ("reset",) + BASELINE_KERNELS
 
     def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optimizer: OptimizerSpec,
-                 batch_size: int, device: str = "auto", jit_compile: Any = "auto", loop: str = "auto",
-                 threads: Optional[int] = None, **options: Any):
+                 batch_size: int, device: str = "auto", kernel: str = "reset", jit_compile: Any = "auto",
+                 loop: str = "auto", threads: Optional[int] = None, **options: Any):
         super().__init__(spec, weights, optimizer, batch_size, device, **options)
+        if kernel not in self.KERNELS:
+            raise ConfigError("backend.kernel", kernel, f"allowed for backend=keras: {', '.join(self.KERNELS)}")
         if optimizer.name not in ("adam", "sgd"):
             raise ConfigError("train.optimizer", optimizer.name, "allowed: adam, sgd")
         if loop not in IMPLEMENTATIONS or loop == "unroll":
             raise ConfigError("backend.loop", loop, "allowed for backend=keras: auto, tf_bptt, tf_while, scan")
+        if kernel != "reset" and loop != "auto":
+            raise ConfigError("backend.loop", loop, f"ResetLSTM's loop; kernel={kernel} runs keras.layers.LSTM's "
+                              f"own loop: leave loop=auto")
+        self.baseline = kernel if kernel != "reset" else None
         _configure_runtime(threads)
         self.device = resolve_device(device)
         self._tf_device = "/GPU:0" if self.device == "cuda" else "/CPU:0"
@@ -188,24 +214,29 @@ class KerasBackend(Backend):
         # loop=scan cannot compile under XLA, so auto means graph mode there.
         self.jit = (loop != "scan") if jit == "auto" else bool(jit)
         self.loop = "tf_bptt" if loop == "auto" else loop
-        self.kernel = ("keras.xla" if self.jit else "keras.tf_function") + (
-            "" if self.loop == "tf_bptt" else f".{self.loop}")
+        # the train step's compilation (the baselines' eval step runs the reset-aware loop,
+        # compiled as self.jit)
+        self.train_jit = self._baseline_jit(jit) if self.baseline else self.jit
+        self.kernel = ("keras.xla" if self.train_jit else "keras.tf_function") + (
+            {"native": ".native.LSTM", "peer": ".peer.LSTM_mask"}.get(kernel, "")
+            or ("" if self.loop == "tf_bptt" else f".{self.loop}"))
         L, H, E, V = spec.layers, spec.hidden, spec.embed, spec.vocab
         with tf.device(self._tf_device):
             self.embedding = keras.layers.Embedding(V, E, name="embedding")
             self.embedding.build((None, None))
-            self.lstms: List[ResetLSTM] = []
+            self.lstms: List[Any] = []
             for layer in range(L):
-                lstm = ResetLSTM(H, return_state=True, implementation=self.loop, name=f"lstm_{layer}")
+                lstm = self._make_lstm(layer)
                 lstm.build((None, None, E if layer == 0 else H))
                 self.lstms.append(lstm)
             self.head = keras.layers.Dense(V, name="head")
             self.head.build((None, None, H))
             self.vars: Dict[str, Any] = {"embedding": self.embedding.embeddings}
             for layer, lstm in enumerate(self.lstms):
-                self.vars[f"lstm.{layer}.w_x"] = lstm.kernel
-                self.vars[f"lstm.{layer}.w_h"] = lstm.recurrent_kernel
-                self.vars[f"lstm.{layer}.b"] = lstm.bias
+                cell = getattr(lstm, "cell", lstm)       # keras.layers.LSTM keeps its weights in .cell
+                self.vars[f"lstm.{layer}.w_x"] = cell.kernel
+                self.vars[f"lstm.{layer}.w_h"] = cell.recurrent_kernel
+                self.vars[f"lstm.{layer}.b"] = cell.bias
             self.vars["head.w"] = self.head.kernel
             self.vars["head.b"] = self.head.bias
             weights = check_weights(weights, spec)                   # float32, keys and shapes
@@ -219,12 +250,41 @@ class KerasBackend(Backend):
         self._build_functions()
         self.reset_state(batch_size)
 
+    def _baseline_jit(self, jit: Any) -> bool:
+        """jit_compile=auto for kernel=native/peer: XLA on a CPU, measured there (2 cores, B=32,
+        T=64, E=64, H=256, L=1, Adam, valid tokens/s): native 34k with XLA vs 26k as a
+        tf.function graph, peer 27k vs 16k (reset: 40k with XLA). On a GPU the graph, where
+        keras.layers.LSTM takes its cuDNN kernel, which XLA cannot compile (not measured here)."""
+        if jit != "auto":
+            return bool(jit)
+        return self.device != "cuda"
+
     # -- model ---------------------------------------------------------------------------------
-    def _logits(self, x, reset, h0, c0):
+    def _make_lstm(self, layer: int):
+        """Layer ``layer``'s LSTM: the one place where the kernels' models differ."""
+        H, name = self.spec.hidden, f"lstm_{layer}"
+        if self.baseline:
+            return keras.layers.LSTM(H, return_sequences=True, return_state=True, name=name)
+        return ResetLSTM(H, return_state=True, implementation=self.loop, name=name)
+
+    def _logits(self, x, mask, reset, h0, c0, exact: bool = False):
+        """Logits and final state. ``exact``: the reset-aware loop also on a baseline kernel's
+        keras.layers.LSTM weights (its eval step)."""
         inp = self.embedding(x)
         hs, cs = [], []
+        keep = 1.0 - tf.cast(reset[:, :1], tf.float32)        # [B, 1]: the column-0 resets
+        seq_mask = None
+        if self.baseline == "peer":
+            lengths = tf.reduce_sum(tf.cast(mask > 0, tf.int32), axis=1)   # checked on the host
+            seq_mask = tf.sequence_mask(lengths, tf.shape(x)[1])
         for layer, lstm in enumerate(self.lstms):
-            inp, h, c = lstm(inp, reset, initial_state=(h0[layer], c0[layer]))
+            if isinstance(lstm, ResetLSTM):
+                inp, h, c = lstm(inp, reset, initial_state=(h0[layer], c0[layer]))
+            elif exact:
+                inp, h, c = reset_lstm(inp, reset, h0[layer], c0[layer], lstm.cell.kernel,
+                                       lstm.cell.recurrent_kernel, lstm.cell.bias, self.loop)
+            else:
+                inp, h, c = lstm(inp, mask=seq_mask, initial_state=[h0[layer] * keep, c0[layer] * keep])
             hs.append(h)
             cs.append(c)
         return self.head(inp), tf.stack(hs), tf.stack(cs)
@@ -234,7 +294,7 @@ class KerasBackend(Backend):
         return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
 
     def _loss(self, x, y, mask, reset, h0, c0):
-        logits, h, c = self._logits(x, reset, h0, c0)
+        logits, h, c = self._logits(x, mask, reset, h0, c0)
         loss = tf.reduce_sum(self._ce(logits, y) * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
         return loss, h, c
 
@@ -279,24 +339,28 @@ class KerasBackend(Backend):
             return loss, h, c
 
         def evaluate(x, y, mask, reset, h0, c0):
-            logits, h, c = self._logits(x, reset, h0, c0)
+            logits, h, c = self._logits(x, mask, reset, h0, c0, exact=True)
             return tf.reduce_sum(self._ce(logits, y) * mask), h, c
 
-        def forward(x, reset, h0, c0):
-            return self._logits(x, reset, h0, c0)
+        def forward(x, mask, reset, h0, c0):
+            return self._logits(x, mask, reset, h0, c0)
 
         # train and eval steps: XLA if chosen (XLA compiles once per (B, T); see precompile).
         # forward and gradients serve the tests, which feed many shapes: graph mode only, so the
         # tests do not pay one XLA compile per shape (train_step's numerics under XLA are checked
         # by the conformance tests through the weights after several steps).
-        jit = self.jit
-        self._train_fn = tf.function(train, input_signature=sig_batch + sig_state, jit_compile=jit)
-        self._eval_fn = tf.function(evaluate, input_signature=sig_batch + sig_state, jit_compile=jit)
+        self._train_fn = tf.function(train, input_signature=sig_batch + sig_state, jit_compile=self.train_jit)
+        self._eval_fn = tf.function(evaluate, input_signature=sig_batch + sig_state, jit_compile=self.jit)
         self._grad_fn = tf.function(self._grads, input_signature=sig_batch + sig_state, jit_compile=False)
-        self._fwd_fn = tf.function(forward, input_signature=[ids, sig_batch[3]] + sig_state, jit_compile=False)
+        self._fwd_fn = tf.function(forward, input_signature=[ids] + sig_batch[2:] + sig_state, jit_compile=False)
 
-    @staticmethod
-    def _args(batch: Batch):
+    def _args(self, batch: Batch):
+        """The batch's arrays for the train, gradient and forward functions, after the host-side
+        layout check of a baseline kernel (ValueError: see backends.base)."""
+        if self.baseline == "native":
+            check_no_mid_reset(batch, "native")
+        elif self.baseline == "peer":
+            padded_lengths(batch, "peer")
         return (batch.x, batch.y, batch.mask, batch.reset)
 
     # -- protocol ------------------------------------------------------------------------------
@@ -312,12 +376,13 @@ class KerasBackend(Backend):
 
     def forward(self, batch: Batch) -> np.ndarray:
         with tf.device(self._tf_device):
-            logits, self._h, self._c = self._fwd_fn(batch.x, batch.reset, self._h, self._c)
+            x, _, mask, reset = self._args(batch)
+            logits, self._h, self._c = self._fwd_fn(x, mask, reset, self._h, self._c)
         return logits.numpy()
 
     def eval_step(self, batch: Batch) -> float:
-        with tf.device(self._tf_device):
-            total, self._h, self._c = self._eval_fn(*self._args(batch), self._h, self._c)
+        with tf.device(self._tf_device):   # every kernel: the reset-aware loop (packed eval set)
+            total, self._h, self._c = self._eval_fn(batch.x, batch.y, batch.mask, batch.reset, self._h, self._c)
         return float(total)
 
     def get_state(self) -> Tuple[np.ndarray, np.ndarray]:

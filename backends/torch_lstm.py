@@ -21,7 +21,9 @@ export are copies. Kernels (``backend.kernel``, recorded as ``kernel`` in ``summ
   ``torch.compile``, one graph per window shape, built in :meth:`TorchBackend.precompile`).
 - Baselines (``backends.base.BASELINE_KERNELS``): ``native`` is the plain fused kernel (no
   mid-window reset possible); ``peer`` is ``nn.LSTM``'s kernel over ``pack_padded_sequence``,
-  what a torch user writes for variable-length batches (padded layout only).
+  what a torch user writes for variable-length batches (padded layout only). Both train only;
+  ``eval_step`` runs the exact ``fused`` kernel on the same weights, because evaluation feeds
+  packed eval streams (every sequence from a zero state) to every kernel.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backends.base import (Backend, Batch, ConfigError, ModelSpec, OptimizerSpec, check_no_mid_reset,
-                           padded_lengths)
+from backends.base import (BASELINE_KERNELS, Backend, Batch, ConfigError, ModelSpec, OptimizerSpec,
+                           check_no_mid_reset, padded_lengths)
 
 KERNELS = ("fused", "loop", "script", "compile", "native", "peer")
 LOOP_KERNELS = ("loop", "script", "compile")
@@ -319,9 +321,13 @@ class TorchBackend(Backend):
             cs.append(c)
         return inp, torch.stack(hs), torch.stack(cs)
 
-    def _layers(self, inp: torch.Tensor, batch: Batch):
-        """All LSTM layers from the carried state with the chosen kernel: outputs, final h, c."""
+    def _layers(self, inp: torch.Tensor, batch: Batch, exact: bool = False):
+        """All LSTM layers from the carried state with the chosen kernel: outputs, final h, c.
+        ``exact``: the baselines (native, peer) hand over to the reset-aware fused kernel (for
+        evaluation, which runs packed eval streams with mid-window resets on every kernel)."""
         kernel = self.kernel_option
+        if exact and kernel in BASELINE_KERNELS:
+            kernel = "fused"
         if kernel in LOOP_KERNELS:
             return self._layers_loop(inp, batch)
         if kernel == "peer":
@@ -330,9 +336,9 @@ class TorchBackend(Backend):
             check_no_mid_reset(batch, "native")
         return lstm_layers_fused_grouped(inp, batch.reset, self.h, self.c, self._lstm_weights())
 
-    def _logits(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, batch: Batch, exact: bool = False) -> torch.Tensor:
         """Forward from the carried state; stores the (detached) final state."""
-        out, h, c = self._layers(F.embedding(x, self.p["embedding"]), batch)
+        out, h, c = self._layers(F.embedding(x, self.p["embedding"]), batch, exact)
         self.h, self.c = h.detach(), c.detach()
         return torch.matmul(out, self.p["head.w"]) + self.p["head.b"]
 
@@ -384,7 +390,7 @@ class TorchBackend(Backend):
     @torch.no_grad()
     def eval_step(self, batch: Batch) -> float:
         x, y, mask = self._to_device(batch)
-        return float((self._ce(self._logits(x, batch), y) * mask).sum())
+        return float((self._ce(self._logits(x, batch, exact=True), y) * mask).sum())
 
     def get_state(self) -> Tuple[np.ndarray, np.ndarray]:
         return self.h.cpu().numpy().copy(), self.c.cpu().numpy().copy()

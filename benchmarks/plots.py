@@ -25,9 +25,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-STRATEGIES = ("padded", "reset_all", "packed")
+STRATEGIES = ("padded", "reset_all", "packed", "peer")   # peer: backend.kernel=peer on padded batches
 BACKENDS = ("torch", "jax", "keras", "numpy")
-COLORS = {"padded": "#d62728", "reset_all": "#ff7f0e", "packed": "#2ca02c"}
+COLORS = {"padded": "#d62728", "reset_all": "#ff7f0e", "packed": "#2ca02c", "peer": "#9467bd"}
 MARKERS = {"torch": "o", "jax": "s", "keras": "^", "numpy": "x"}
 TABLES = ("runs", "steps", "evals", "lengths", "kernels", "matmul")
 
@@ -53,15 +53,23 @@ def _truthy(col: pd.Series) -> pd.Series:
     return col.map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))
 
 
-def select(df: pd.DataFrame, experiment: Optional[str] = None, complete: bool = True) -> pd.DataFrame:
-    """Rows of one experiment (all if None), completed runs only unless ``complete`` is False."""
+def select(df: pd.DataFrame, experiment=None, complete: bool = True) -> pd.DataFrame:
+    """Rows of one experiment, or of a tuple of them (all if None), completed runs only unless
+    ``complete`` is False. Runs of a framework's own variable-length baseline (a ``kernel`` with
+    ``.peer.``, i.e. ``backend.kernel=peer``) get ``strategy`` = ``peer``."""
     if df is None or not len(df):
         return pd.DataFrame()
     out = df
     if experiment is not None:
         if "experiment" not in out.columns:
             return pd.DataFrame()
-        out = out[out["experiment"] == experiment]
+        wanted = (experiment,) if isinstance(experiment, str) else tuple(experiment)
+        out = out[out["experiment"].isin(wanted)]
+    if "kernel" in out.columns and "strategy" in out.columns:
+        peer = out["kernel"].astype(str).str.contains(".peer.", regex=False)
+        if peer.any():
+            out = out.copy()
+            out.loc[peer, "strategy"] = "peer"
     if complete:
         if "complete" in out.columns:
             out = out[_truthy(out["complete"])]
@@ -387,8 +395,9 @@ def kernels_figure(kernels, matmul, path: str) -> str:
     """``kernels.png`` from ``python -m benchmarks.kernels``: left, each reset-aware kernel's
     tokens/s over its framework's native no-reset LSTM (same shape) against reset density, with
     the 0.9x target; right, useful model FLOP/s as a share of the best measured matmul peak."""
-    ker = _need(pd.DataFrame(kernels), "kernel benchmark rows (kernels.csv)", ["reset_cost_ratio"])
-    mm = pd.DataFrame(matmul)
+    ker = _need(pd.DataFrame(kernels) if kernels is not None else None, "kernel benchmark rows (kernels.csv; "
+                "python -m benchmarks.kernels)", ["reset_cost_ratio"])
+    mm = pd.DataFrame(matmul) if matmul is not None else pd.DataFrame()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     exact = ker[~ker["kernel_option"].isin(["native", "peer"])]
     shapes = sorted({(int(r.B), int(r.T), int(r.H)) for r in ker.itertuples()})
@@ -432,15 +441,16 @@ def kernels_figure(kernels, matmul, path: str) -> str:
 def figure_specs(suffix: str = "") -> List[Tuple[str, Callable[[Mapping[str, pd.DataFrame], str], str]]]:
     """(file name, draw(tables, path)) for every figure; ``suffix`` picks e.g. the _debug experiments."""
     c, w, win = f"compare{suffix}", f"waste{suffix}", f"window{suffix}"
+    cp = (c, f"peers{suffix}")        # compare's runs and the peer baselines on the same data and budget
     return [
-        ("throughput.png", lambda t, p: plot_throughput(t["runs"], p, c)),
+        ("throughput.png", lambda t, p: plot_throughput(t["runs"], p, cp)),
         ("padding.png", lambda t, p: plot_padding(t["runs"], p, c)),
         ("loss_vs_time.png", lambda t, p: plot_loss_vs_time(t["evals"], p, t["runs"], c)),
         ("loss_vs_tokens.png", lambda t, p: plot_loss_vs_tokens(t["evals"], p, t["runs"], c)),
         ("gain_vs_padding.png", lambda t, p: plot_gain_vs_padding(t["runs"], p, w)),
         ("lengths.png", lambda t, p: plot_lengths(t["lengths"], p)),
         ("loss_vs_window.png", lambda t, p: plot_loss_vs_window(t["runs"], p, win)),
-        ("kernels.png", lambda t, p: kernels_figure(t["kernels"], t["matmul"], p)),
+        ("kernels.png", lambda t, p: kernels_figure(t.get("kernels"), t.get("matmul"), p)),
     ]
 
 
@@ -459,7 +469,7 @@ def build_all(tables: Mapping[str, pd.DataFrame], out: str, suffix: str = "",
         except Exception as exc:  # noqa: BLE001 - one bad figure must not stop the others
             plt.close("all")
             echo(f"  skipped {name}: {type(exc).__name__}: {exc}")
-    table = summary_table(tables["runs"], tables.get("evals"), f"compare{suffix}")
+    table = summary_table(tables["runs"], tables.get("evals"), (f"compare{suffix}", f"peers{suffix}"))
     if len(table):
         table.to_csv(os.path.join(out, "summary.csv"), index=False, float_format="%.6g")
         with open(os.path.join(out, "summary.md"), "w") as fh:

@@ -14,7 +14,8 @@ pd = pytest.importorskip("pandas")    # the analysis extra: pip install -e '.[an
 pytest.importorskip("matplotlib")
 
 from benchmarks import plots, results  # noqa: E402
-from tests.test_results import fabricate_lengths, fabricate_study, fabricate_tables  # noqa: E402
+from tests.test_results import (fabricate_kernel_rows, fabricate_lengths, fabricate_study,  # noqa: E402
+                                fabricate_tables)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED = os.path.join(ROOT, "results", "tables")
@@ -59,7 +60,8 @@ def test_plots_work_on_frames_straight_from_collect(tmp_path):
     """The tables need not go through CSV: collect()'s frames plot the same."""
     fabricate_study(str(tmp_path / "runs"), backends=("torch",), seeds=(0,))
     runs, steps, evals, _ = results.collect(str(tmp_path / "runs"), warn=False)
-    t = {"runs": runs, "steps": steps, "evals": evals, "lengths": fabricate_lengths()}
+    ker, mm = fabricate_kernel_rows()
+    t = {"runs": runs, "steps": steps, "evals": evals, "lengths": fabricate_lengths(), "kernels": ker, "matmul": mm}
     for p in _draw_each(t, str(tmp_path / "fig")):
         assert _is_png(p)
 
@@ -123,13 +125,13 @@ def test_cli_rebuilds_from_tables_and_survives_empty(tables, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
-    assert len(pngs) == 7 and all(_is_png(out / p) for p in pngs)
+    assert len(pngs) == 8 and all(_is_png(out / p) for p in pngs)
     assert (out / "summary.md").read_text().count("\n") == 11
     empty = tmp_path / "empty"
     empty.mkdir()
     r = subprocess.run([sys.executable, "-m", "benchmarks.plots", "--tables", str(empty), "--out", str(tmp_path / "f2")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.count("skipped") == 8, r.stdout + r.stderr
+    assert r.returncode == 0 and r.stdout.count("skipped") == 9, r.stdout + r.stderr
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(COMMITTED, "runs.csv")),

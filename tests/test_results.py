@@ -132,13 +132,34 @@ def fabricate_lengths():
     return pd.concat(parts, ignore_index=True)
 
 
+def fabricate_kernel_rows():
+    """Kernel-benchmark rows (as ``python -m benchmarks.kernels`` derives them): kernels, matmul."""
+    from benchmarks import kernels
+
+    rows = [{"kind": "matmul", "backend": b, "gemm": "square2048", "m": 2048, "k": 2048, "n": 2048, "gflops": g}
+            for b, g in (("torch", 200.0), ("jax", 400.0))]
+    for b, exact in (("torch", "fused"), ("jax", "scan")):
+        for kernel, densities in ((exact, (0.0, 0.03, 0.3)), ("native", (0.0,)), ("peer", (0.0,))):
+            for d in densities:
+                rate = 1000.0 * (1 - d) * (0.8 if kernel == "peer" else 1.0)
+                rows.append({"kind": "kernel", "backend": b, "kernel_option": kernel, "kernel": f"{b}.{kernel}",
+                             "B": 32, "T": 64, "E": 64, "H": 256, "density": d, "tokens_per_s": rate,
+                             "model_gflops": rate * kernels.model_flops(1, 1, 64, 256, 1) / 1e9})
+    return kernels.derive(rows)
+
+
 def fabricate_tables(folder, root):
-    """The committed-table layout (runs/steps/evals/lengths.csv, environment.json) from a
-    fabricated study under ``root``, written into ``folder``."""
+    """The committed-table layout (runs/steps/evals/lengths/kernels/matmul.csv, environment.json)
+    from a fabricated study under ``root``, written into ``folder``."""
+    from benchmarks import kernels
+
     fabricate_study(root)
     runs, steps, evals, problems = results.collect(root, warn=False)
     assert not problems, problems
     results.write_tables(runs, steps, evals, folder, steps_every=2, lengths=fabricate_lengths())
+    ker, mm = fabricate_kernel_rows()
+    kernels.write_csv(os.path.join(folder, "kernels.csv"), ker)
+    kernels.write_csv(os.path.join(folder, "matmul.csv"), mm)
     return folder
 
 
