@@ -117,3 +117,38 @@ def tiny_weights(seed: int = 0, spec: ModelSpec = TINY) -> Dict[str, np.ndarray]
         if k.endswith(".b"):
             w[k] = (w[k] + rng.normal(0, 0.3, size=w[k].shape)).astype(np.float32)
     return w
+
+
+def check_parity(backend: str, kernel: str, spec: ModelSpec, batches, h0=None, c0=None,
+                 optimizer: OptimizerSpec = OptimizerSpec("sgd", lr=0.5), padded: bool = False, prepare=None):
+    """One kernel of a backend against the oracle, from the same weights and carried state:
+    logits (and state) on batches[0], loss and every gradient on batches[1], the loss of a train
+    step per batch and the weights after them. ``padded``: logits compared where the mask counts,
+    the state not (a peer kernel stops each row at its length). ``prepare(backend)`` runs first
+    (e.g. precompile). Returns the backend and the oracle, for more checks."""
+    B = batches[0].x.shape[0]
+    w = tiny_weights(2, spec)
+    be = make_backend(backend, spec, w, optimizer, B, kernel=kernel)
+    orc = oracle(spec, w, optimizer, B)
+    if prepare is not None:
+        prepare(be)
+    if h0 is not None:
+        for target in (be, orc):
+            target.set_state(h0, c0)
+    valid = batches[0].mask.astype(bool) if padded else np.ones(batches[0].x.shape, bool)
+    assert_close(be.forward(batches[0])[valid], orc.forward(batches[0])[valid], "logits")
+    if not padded:
+        for got, exp, what in zip(be.get_state(), orc.get_state(), "hc"):
+            assert_close(got, exp, f"state {what} after the window")
+    loss, grads = be.gradients(batches[1])
+    loss_ref, grads_ref = orc.gradients(batches[1])
+    assert_close(loss, loss_ref, "loss")
+    assert sorted(grads) == sorted(grads_ref)
+    for k in grads_ref:
+        assert_close(grads[k], grads_ref[k], f"grad {k}")
+    for b in batches:
+        assert_close(float(be.train_step(b)), orc.train_step(b), "train loss")
+    got, exp = be.get_weights(), orc.get_weights()
+    for k in exp:
+        assert_close(got[k], exp[k], f"weights {k}", rtol=5e-4, atol_scale=5e-5)
+    return be, orc

@@ -11,8 +11,8 @@ import pytest
 
 from backends.base import Batch, ModelSpec, OptimizerSpec
 from benchmarks import registry
-from tests.helpers import (assert_close, backend_names, make_backend, mid_reset_batches, oracle, random_state,
-                           tiny_weights)
+from tests import helpers
+from tests.helpers import assert_close, backend_names, mid_reset_batches, oracle, random_state
 
 SPEC = ModelSpec(embed=6, hidden=8, layers=2)
 ADAM = OptimizerSpec("adam", lr=0.01, clip_norm=0.5)
@@ -37,34 +37,7 @@ def padded_batch(rng, lengths, T):
 
 
 def check_parity(backend, kernel, batches, h0=None, c0=None, padded=False):
-    """Logits (and state) on batches[0], loss and every gradient on batches[1], the loss of a train
-    step per batch and the weights after them: kernel vs the oracle, same weights and carried
-    state. ``padded``: logits compared where the mask counts, the state not (a peer stops each row
-    at its length). Returns the backend and the oracle."""
-    B = batches[0].x.shape[0]
-    w = tiny_weights(2, SPEC)
-    be = make_backend(backend, SPEC, w, ADAM, B, kernel=kernel)
-    orc = oracle(SPEC, w, ADAM, B)
-    if h0 is not None:
-        for target in (be, orc):
-            target.set_state(h0, c0)
-    valid = batches[0].mask.astype(bool) if padded else np.ones(batches[0].x.shape, bool)
-    assert_close(be.forward(batches[0])[valid], orc.forward(batches[0])[valid], "logits")
-    if not padded:
-        for got, exp, what in zip(be.get_state(), orc.get_state(), "hc"):
-            assert_close(got, exp, f"state {what} after the window")
-    loss, grads = be.gradients(batches[1])
-    loss_ref, grads_ref = orc.gradients(batches[1])
-    assert_close(loss, loss_ref, "loss")
-    assert sorted(grads) == sorted(grads_ref)
-    for k in grads_ref:
-        assert_close(grads[k], grads_ref[k], f"grad {k}")
-    for b in batches:
-        assert_close(float(be.train_step(b)), orc.train_step(b), "train loss")
-    got, exp = be.get_weights(), orc.get_weights()
-    for k in exp:
-        assert_close(got[k], exp[k], f"weights {k}", rtol=5e-4, atol_scale=5e-5)
-    return be, orc
+    return helpers.check_parity(backend, kernel, SPEC, batches, h0, c0, ADAM, padded)
 
 
 def check_exact_eval(be, B, h0, c0):
