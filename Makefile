@@ -1,5 +1,5 @@
 # resetbench: `make bench` runs the default benchmark, `make test` runs the tests.
-# Both create .venv (Python 3.10+) and install the project into it on first use; later runs
+# Both create .venv (Python 3.11+) and install the project into it on first use; later runs
 # reuse it (the stamp file is rebuilt only when pyproject.toml changes).
 PYTHON ?= python3
 VENV   ?= .venv

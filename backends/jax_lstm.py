@@ -2,9 +2,8 @@
 
 The time loop is a ``jax.lax.scan``; before step ``t`` the carried state is multiplied by
 ``keep = 1 - reset[:, t]``, which zeroes it and, being a multiply by zero, also cuts the gradient
-through it. Per layer the input projection of the whole window is one matmul outside the scan,
-so only the recurrent matmul and the gate arithmetic run per step. Parameters stay in canonical
-layout (``w_x`` [in, 4H], gates i, f, g, o), so import and export are copies.
+through it. Each step computes ``x_t W_x + h W_h + b`` and the gate arithmetic. Parameters stay
+in canonical layout (``w_x`` [in, 4H], gates i, f, g, o), so import and export are copies.
 
 A whole training step (forward, loss, gradients, global-norm clipping, optax update) is one
 ``jax.jit`` with the parameters, optimizer state and carried state donated. Executables are
@@ -12,11 +11,35 @@ compiled ahead of time per batch shape ``(B, T)`` and kept in a cache, so :meth:
 takes every compilation out of the timed loop. The carried state never leaves the device, and
 ``train_step`` returns the loss as a device scalar: no host round trip per step.
 
-Option ``unroll``: the ``lax.scan`` unroll factor (recorded in ``kernel``).
+Option ``kernel`` (recorded in ``summary.json`` as ``kernel``):
+
+- ``scan`` (exact, the default): the reset-aware ``lax.scan`` above.
+- ``native`` (baseline): flax ``nn.RNN(nn.OptimizedLSTMCell)``, the framework's own LSTM, which
+  cannot reset mid-window: column-0 resets zero the initial state of their rows, any later reset
+  is refused (``ValueError``, checked on the host before dispatch).
+- ``peer`` (baseline): what a JAX user writes for variable-length batches, flax ``nn.RNN`` with
+  ``seq_lengths`` (``padded`` layout only); the state left is each row's state after its last
+  valid token. The lengths are computed on the device from the mask (a runtime array: no
+  recompilation per length pattern), after the host has checked the layout.
+
+The baselines keep the parameters canonical and build flax's parameter tree from them inside the
+jitted step, so autodiff maps the gradients back to canonical keys and the optimizer update is the
+same as for ``scan``. ``eval_step`` always runs ``scan``: the eval layout is packed streams with
+mid-window resets, which the baselines cannot consume, and the eval loss must not depend on the
+training kernel. flax is imported only by the baselines.
+
+Option ``unroll``: the time loop's unroll factor (``lax.scan`` / ``nn.RNN``), recorded in ``kernel``.
+
+Option ``hoist`` (``scan`` only, recorded as ``jax.scan.hoisted``): project the whole window's
+input with one matmul before the loop, so only ``h W_h`` runs per step. On the CPU this measured
+~20 % slower than projecting step by step (B=32, T=64, E=64, H=256: the hoisted ``[T, B, 4H]``
+projection and its gradient are materialized and transposed, flax's ``OptimizedLSTMCell`` projects
+per step too); it may suit a GPU, where it replaces T small matmuls by one large one.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 # Allocate GPU memory on demand so JAX can share a GPU with another framework in one process.
@@ -29,25 +52,34 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from backends.base import Backend, Batch, ConfigError, ModelSpec, OptimizerSpec  # noqa: E402
+from backends.base import (BASELINE_KERNELS, Backend, Batch, ConfigError, ModelSpec,  # noqa: E402
+                           OptimizerSpec, check_no_mid_reset, padded_lengths)
 
 Params = Dict[str, jax.Array]
 F32 = jnp.float32
+KERNELS = ("scan",) + BASELINE_KERNELS
+# internal kernel key (kernel=scan with hoist=true: "scan.hoisted") -> the recorded kernel name,
+# before any .unrollN suffix
+KERNEL_NAMES = {"scan": "jax.scan", "scan.hoisted": "jax.scan.hoisted",
+                "native": "jax.native.flax_OptimizedLSTMCell",
+                "peer": "jax.peer.flax_rnn_seq_lengths"}
 
 
 # --------------------------------------------------------------------------- the model (pure functions)
 def lstm_layer(xp: jax.Array, keep: jax.Array, h: jax.Array, c: jax.Array, w_h: jax.Array,
-               unroll: int = 1) -> Tuple[jax.Array, jax.Array, jax.Array]:
+               unroll: int = 1, w_x: Optional[jax.Array] = None, b: Optional[jax.Array] = None
+               ) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """One LSTM layer over a window, time-major. ``xp`` [T, B, 4H] (input projection + bias),
-    ``keep`` [T, B, 1] (0 where the state resets before step t). Returns outputs [T, B, H] and
-    the final ``h``, ``c`` [B, H]."""
+    or, given ``w_x`` and ``b``, the layer's input [T, B, in], projected inside the loop step by
+    step. ``keep`` [T, B, 1] (0 where the state resets before step t). Returns outputs
+    [T, B, H] and the final ``h``, ``c`` [B, H]."""
     H = w_h.shape[0]
 
     def step(carry, inputs):
         h, c = carry
         xt, kt = inputs
         h, c = h * kt, c * kt                     # the reset: zero the state (and its gradient)
-        z = xt + h @ w_h
+        z = (xt if w_x is None else xt @ w_x + b) + h @ w_h
         i = jax.nn.sigmoid(z[:, :H])
         f = jax.nn.sigmoid(z[:, H:2 * H])
         g = jnp.tanh(z[:, 2 * H:3 * H])
@@ -60,18 +92,72 @@ def lstm_layer(xp: jax.Array, keep: jax.Array, h: jax.Array, c: jax.Array, w_h: 
     return outs, h, c
 
 
-def logits_fn(params: Params, h0: jax.Array, c0: jax.Array, x: jax.Array, reset: jax.Array,
-              layers: int, unroll: int) -> Tuple[jax.Array, jax.Array, jax.Array]:
-    """Time-major logits [T, B, V] of batch-major ``x``/``reset`` [B, T] from state ``(h0, c0)``
-    ([L, B, H]), and the final state (detached: no gradient crosses a batch boundary)."""
+def scan_layers(params: Params, h0: jax.Array, c0: jax.Array, inp: jax.Array, reset: jax.Array,
+                mask: Optional[jax.Array], layers: int, unroll: int, hoist: bool = False):
+    """Kernel ``scan``: the reset-aware stack. ``inp`` [T, B, E] time-major, ``reset`` [B, T];
+    returns the last layer's outputs [T, B, H] and per-layer final ``h``, ``c`` lists. ``hoist``:
+    the input projection of the whole window is one matmul before the loop."""
     keep = (1.0 - reset.T.astype(F32))[:, :, None]            # [T, B, 1]
-    inp = params["embedding"][x.T]                             # [T, B, E]
     hs, cs = [], []
     for layer in range(layers):
-        xp = inp @ params[f"lstm.{layer}.w_x"] + params[f"lstm.{layer}.b"]  # whole-window projection
-        inp, h, c = lstm_layer(xp, keep, h0[layer], c0[layer], params[f"lstm.{layer}.w_h"], unroll)
+        w_x, w_h, b = (params[f"lstm.{layer}.{k}"] for k in ("w_x", "w_h", "b"))
+        if hoist:
+            inp, h, c = lstm_layer(inp @ w_x + b, keep, h0[layer], c0[layer], w_h, unroll)
+        else:
+            inp, h, c = lstm_layer(inp, keep, h0[layer], c0[layer], w_h, unroll, w_x, b)
         hs.append(h)
         cs.append(c)
+    return inp, hs, cs
+
+
+def flax_cell_params(w_x: jax.Array, w_h: jax.Array, b: jax.Array) -> Dict[str, Any]:
+    """Canonical layer weights -> the variables of ``nn.RNN(nn.OptimizedLSTMCell(H))``: per gate
+    ``g`` in i, f, g, o an input kernel ``i{g}`` (no bias) and a recurrent kernel ``h{g}`` carrying
+    the bias. Pure slicing, so gradients flow back to the canonical arrays."""
+    H = w_h.shape[0]
+    cell = {}
+    for k, gate in enumerate("ifgo"):
+        cols = slice(k * H, (k + 1) * H)
+        cell[f"i{gate}"] = {"kernel": w_x[:, cols]}
+        cell[f"h{gate}"] = {"kernel": w_h[:, cols], "bias": b[cols]}
+    return {"params": {"cell": cell}}
+
+
+def flax_layers(params: Params, h0: jax.Array, c0: jax.Array, inp: jax.Array, reset: jax.Array,
+                mask: Optional[jax.Array], layers: int, unroll: int, lengths: bool = False):
+    """Kernels ``native`` (``lengths=False``) and ``peer`` (``lengths=True``: ``seq_lengths`` from
+    the prefix ``mask``): flax ``nn.RNN(nn.OptimizedLSTMCell)`` per layer. Only column-0 resets
+    are applied (they zero the initial state); the host has refused every other layout."""
+    import flax.linen as nn
+
+    keep0 = 1.0 - reset[:, :1].astype(F32)                    # [B, 1]
+    seq_lengths = jnp.sum(mask, axis=1).astype(jnp.int32) if lengths else None
+    rnn = nn.RNN(nn.OptimizedLSTMCell(h0.shape[-1]), time_major=True, return_carry=True, unroll=unroll)
+    hs, cs = [], []
+    for layer in range(layers):
+        variables = flax_cell_params(*(params[f"lstm.{layer}.{k}"] for k in ("w_x", "w_h", "b")))
+        (c, h), inp = rnn.apply(variables, inp, initial_carry=(c0[layer] * keep0, h0[layer] * keep0),
+                                seq_lengths=seq_lengths)
+        hs.append(h)
+        cs.append(c)
+    return inp, hs, cs
+
+
+# internal kernel key -> layer stack ("scan.hoisted": kernel scan with hoist=true)
+LAYER_STACKS: Dict[str, Callable] = {"scan": scan_layers,
+                                     "scan.hoisted": functools.partial(scan_layers, hoist=True),
+                                     "native": flax_layers,
+                                     "peer": functools.partial(flax_layers, lengths=True)}
+
+
+def logits_fn(params: Params, h0: jax.Array, c0: jax.Array, x: jax.Array, reset: jax.Array,
+              layers: int, unroll: int, mask: Optional[jax.Array] = None,
+              kernel: str = "scan") -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """Time-major logits [T, B, V] of batch-major ``x``/``reset``/``mask`` [B, T] from state
+    ``(h0, c0)`` ([L, B, H]), and the final state (detached: no gradient crosses a batch
+    boundary). ``mask`` is read only by kernel ``peer`` (its sequence lengths)."""
+    inp = params["embedding"][x.T]                             # [T, B, E]
+    inp, hs, cs = LAYER_STACKS[kernel](params, h0, c0, inp, reset, mask, layers, unroll)
     logits = inp @ params["head.w"] + params["head.b"]
     return logits, jax.lax.stop_gradient(jnp.stack(hs)), jax.lax.stop_gradient(jnp.stack(cs))
 
@@ -83,9 +169,9 @@ def cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def loss_fn(params: Params, h0: jax.Array, c0: jax.Array, x: jax.Array, y: jax.Array,
-            mask: jax.Array, reset: jax.Array, layers: int, unroll: int):
+            mask: jax.Array, reset: jax.Array, layers: int, unroll: int, kernel: str = "scan"):
     """Masked-mean loss ``sum(ce * mask) / max(sum(mask), 1)`` and the final state."""
-    logits, h, c = logits_fn(params, h0, c0, x, reset, layers, unroll)
+    logits, h, c = logits_fn(params, h0, c0, x, reset, layers, unroll, mask, kernel)
     m = mask.T
     loss = jnp.sum(cross_entropy(logits, y.T) * m) / jnp.maximum(jnp.sum(m), 1.0)
     return loss, (h, c)
@@ -131,17 +217,31 @@ def resolve_device(device: str) -> Tuple[jax.Device, str]:
 
 # --------------------------------------------------------------------------- the adapter
 class JaxBackend(Backend):
-    """JAX adapter: ``lax.scan`` reset-aware LSTM, one jitted train step, optax Adam or SGD."""
+    """JAX adapter: ``lax.scan`` reset-aware LSTM (or a flax baseline kernel), one jitted train
+    step, optax Adam or SGD."""
 
     name = "jax"
 
     def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optimizer: OptimizerSpec,
-                 batch_size: int, device: str = "auto", unroll: int = 1, **options: Any):
+                 batch_size: int, device: str = "auto", kernel: str = "scan", unroll: int = 1,
+                 hoist: bool = False, **options: Any):
         super().__init__(spec, weights, optimizer, batch_size, device, **options)
+        if kernel not in KERNELS:
+            raise ConfigError("backend.kernel", kernel, f"allowed for backend=jax: {', '.join(KERNELS)}")
         if not isinstance(unroll, (int, np.integer)) or isinstance(unroll, bool) or unroll < 1:
             raise ConfigError("backend.unroll", unroll, "allowed: a positive integer (1: no unrolling)")
+        if not isinstance(hoist, (bool, np.bool_)):
+            raise ConfigError("backend.hoist", hoist, "allowed: true, false")
+        if kernel != "scan":
+            try:
+                import flax.linen  # noqa: F401
+            except ImportError as err:
+                raise ConfigError("backend.kernel", kernel,
+                                  f"needs flax ({err}); pip install 'resetbench[jax]'") from None
+        self._exact = "scan.hoisted" if hoist else "scan"       # what eval runs, for every kernel
+        self._kernel = self._exact if kernel == "scan" else kernel
         self.unroll = int(unroll)
-        self.kernel = "jax.scan" if self.unroll == 1 else f"jax.scan.unroll{self.unroll}"
+        self.kernel = KERNEL_NAMES[self._kernel] + ("" if self.unroll == 1 else f".unroll{self.unroll}")
         self.dev, self.device = resolve_device(device)
         self._sharding = jax.sharding.SingleDeviceSharding(self.dev)
         self._tx = make_optimizer(optimizer)
@@ -157,25 +257,27 @@ class JaxBackend(Backend):
 
     def _step_fns(self) -> Dict[str, Tuple[Callable, Tuple[int, ...]]]:
         """Kind -> (pure function, donated argument numbers). Arguments: params, [opt_state,]
-        h, c, x, y, mask, reset (forward: no y, mask)."""
-        L, U, tx, clip = self.spec.layers, self.unroll, self._tx, self.optimizer.clip_norm
+        h, c, x, y, mask, reset (forward: no y). Train, grads and forward run the configured
+        kernel; eval always runs the exact ``scan`` (see the module docstring)."""
+        L, U, K, E = self.spec.layers, self.unroll, self._kernel, self._exact
+        tx, clip = self._tx, self.optimizer.clip_norm
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def train(params, opt_state, h, c, x, y, mask, reset):
-            (loss, (h, c)), grads = grad_fn(params, h, c, x, y, mask, reset, L, U)
+            (loss, (h, c)), grads = grad_fn(params, h, c, x, y, mask, reset, L, U, K)
             updates, opt_state = tx.update(clip_by_global_norm(grads, clip), opt_state, params)
             return optax.apply_updates(params, updates), opt_state, h, c, loss
 
         def grads(params, h, c, x, y, mask, reset):
-            (loss, (h, c)), g = grad_fn(params, h, c, x, y, mask, reset, L, U)
+            (loss, (h, c)), g = grad_fn(params, h, c, x, y, mask, reset, L, U, K)
             return loss, g, h, c
 
         def evaluate(params, h, c, x, y, mask, reset):
-            logits, h, c = logits_fn(params, h, c, x, reset, L, U)
+            logits, h, c = logits_fn(params, h, c, x, reset, L, U, kernel=E)
             return jnp.sum(cross_entropy(logits, y.T) * mask.T), h, c
 
-        def forward(params, h, c, x, reset):
-            logits, h, c = logits_fn(params, h, c, x, reset, L, U)
+        def forward(params, h, c, x, mask, reset):
+            logits, h, c = logits_fn(params, h, c, x, reset, L, U, mask, K)
             return jnp.swapaxes(logits, 0, 1), h, c
 
         return {"train": (train, (0, 1, 2, 3)), "grads": (grads, ()), "eval": (evaluate, (1, 2)),
@@ -196,16 +298,24 @@ class JaxBackend(Backend):
             args = [self._abstract(self.params)]
             if kind == "train":
                 args.append(self._abstract(self.opt_state))
-            args += [state, state, ids] + ([reset] if kind == "forward" else [ids, mask, reset])
+            args += [state, state, ids] + ([] if kind == "forward" else [ids]) + [mask, reset]
             self._compiled[key] = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
             self.compile_count += 1
         return self._compiled[key]
 
-    def _batch(self, batch: Batch, fields: str = "x y mask reset") -> Tuple[jax.Array, ...]:
+    def _batch(self, batch: Batch, fields: str = "x y mask reset", kernel: Optional[str] = None
+               ) -> Tuple[jax.Array, ...]:
+        """The batch's ``fields`` on the device, after checking its rows against the carried state
+        and its layout against ``kernel`` (default: the configured one)."""
         B = batch.x.shape[0]
         if B != self.h.shape[1]:
             raise ValueError(f"batch has {B} rows but the carried state has {self.h.shape[1]}; "
                              f"call reset_state({B}) first")
+        kernel = self._kernel if kernel is None else kernel
+        if kernel == "native":
+            check_no_mid_reset(batch, kernel)
+        elif kernel == "peer":
+            padded_lengths(batch, kernel)
         arrays = tuple(np.ascontiguousarray(getattr(batch, f)) for f in fields.split())
         return jax.device_put(arrays, self.dev)
 
@@ -230,13 +340,13 @@ class JaxBackend(Backend):
         return float(loss), {k: np.asarray(g, np.float32) for k, g in grads.items()}
 
     def forward(self, batch: Batch) -> np.ndarray:
-        data = self._batch(batch, "x reset")
+        data = self._batch(batch, "x mask reset")
         logits, self.h, self.c = self._executable("forward", *batch.x.shape)(
             self.params, self.h, self.c, *data)
         return np.asarray(logits)
 
     def eval_step(self, batch: Batch) -> float:
-        data = self._batch(batch)
+        data = self._batch(batch, kernel=self._exact)
         total, self.h, self.c = self._executable("eval", *batch.x.shape)(
             self.params, self.h, self.c, *data)
         return float(total)
@@ -266,5 +376,10 @@ class JaxBackend(Backend):
     def versions(self) -> Dict[str, str]:
         import jaxlib
 
-        return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "optax": optax.__version__,
-                "numpy": np.__version__}
+        out = {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "optax": optax.__version__,
+               "numpy": np.__version__}
+        if self._kernel in BASELINE_KERNELS:
+            import flax
+
+            out["flax"] = flax.__version__
+        return out
