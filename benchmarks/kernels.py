@@ -265,8 +265,9 @@ def main(argv=None) -> List[dict]:
     ap.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES), help="BxTxH,...")
     ap.add_argument("--densities", default=",".join(str(d) for d in DENSITIES))
     ap.add_argument("--embed", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (noise control)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed steps per kernel, density and round")
+    ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds (noise control: many short "
+                    "rounds spread this machine's drift over every kernel alike)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps per kernel, density and round")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "tables"))
     ap.add_argument("--figures", default=os.path.join(ROOT, "results", "figures"))
