@@ -30,3 +30,19 @@ def test_keras_example_in_readme_is_the_tested_one():
     snippet = test.split("# --- README example start ---\n")[1].split("# --- README example end ---")[0]
     lines = [line[4:] if line.startswith("    ") else line for line in snippet.rstrip().splitlines()]
     assert "\n".join(lines).strip() in readme
+
+
+def test_every_declared_kernel_is_in_the_readme_kernel_table():
+    from benchmarks import registry
+
+    readme = read("README.md")
+    section = readme.split("## Kernels", 1)[1]
+    table = next(block for block in section.split("\n\n") if block.startswith("| backend |"))
+    for name, cfg in registry.backend_configs().items():
+        kernels = registry.kernel_options(cfg)
+        if not kernels["exact"]:
+            continue
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        for k in kernels["exact"]:
+            assert f"`{k}`" in row, (name, k)
+        assert cfg["kernel"] in row.split("|")[2].split(",")[0], f"{name}: default kernel listed first"
