@@ -66,7 +66,7 @@ def _existing_file(key: str, path: Any) -> None:
 
 
 KNOWN_KEYS = {
-    "": {"backend", "strategy", "data", "model", "train", "eval", "device", "experiment"},
+    "": {"backend", "strategy", "data", "model", "train", "eval", "device", "experiment", "tune_malloc"},
     "model": {"embed", "hidden", "layers", "init"},
     "train": {"batch_size", "window", "steps", "epochs", "time_budget_s", "max_valid_tokens", "warmup_steps", "optimizer",
               "lr", "clip_norm", "seed", "log_every", "progress"},
@@ -125,6 +125,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
         positive_int(cfg, "strategy.pad_multiple")
     one_of(cfg, "data.name", DATA)
     one_of(cfg, "device", DEVICES)
+    if not isinstance(cfg.get("tune_malloc", True), bool):
+        raise ConfigError("tune_malloc", cfg.get("tune_malloc"), "allowed: true, false")
     check_kernel(cfg)
     for key in ("model.embed", "model.hidden", "model.layers", "train.batch_size", "train.window",
                 "train.log_every", "eval.batch_size", "eval.window"):

