@@ -398,7 +398,7 @@ def kernels_figure(kernels, matmul, path: str) -> str:
     ker = _need(pd.DataFrame(kernels) if kernels is not None else None, "kernel benchmark rows (kernels.csv; "
                 "python -m benchmarks.kernels)", ["reset_cost_ratio"])
     mm = pd.DataFrame(matmul) if matmul is not None else pd.DataFrame()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [1, 1], "wspace": 0.75})
     exact = ker[~ker["kernel_option"].isin(["native", "peer"])]
     shapes = sorted({(int(r.B), int(r.T), int(r.H)) for r in ker.itertuples()})
     styles = ["-", "--", ":", "-."]
@@ -413,6 +413,7 @@ def kernels_figure(kernels, matmul, path: str) -> str:
     ax1.axhline(1.0, color="grey", lw=0.8)
     ax1.axhline(0.9, color="red", lw=0.8, ls="--", label="target 0.9x")
     ax1.set_xscale("symlog", linthresh=1)
+    ax1.set_xlim(0, ker["density"].max() * 100 * 1.1 + 0.1)
     ax1.set_xlabel("reset density (% of positions)")
     ax1.set_ylabel("tokens/s / native no-reset LSTM's")
     ax1.set_title("Cost of per-sample resets (full train step)")
@@ -421,7 +422,7 @@ def kernels_figure(kernels, matmul, path: str) -> str:
     labels, vals = [], []
     for r in at3.sort_values(["backend", "B", "kernel"]).itertuples():
         tag = "no resets" if r.kernel_option in ("native", "peer") else "3% resets"
-        labels.append(f"{r.kernel} ({tag})\nB{r.B} T{r.T} H{r.H}")
+        labels.append(f"{r.kernel} ({tag}) B{r.B} T{r.T} H{r.H}")
         vals.append(r.peak_fraction * 100)
     ax2.barh(range(len(vals)), vals, color=["C0" if "no resets" in l else "C1" for l in labels])
     ax2.set_yticks(range(len(vals)), labels, fontsize=6)
