@@ -60,7 +60,7 @@ F32 = jnp.float32
 KERNELS = ("scan",) + BASELINE_KERNELS
 # internal kernel key (kernel=scan with hoist=true: "scan.hoisted") -> the recorded kernel name,
 # before any .unrollN suffix
-KERNEL_NAMES = {"scan": "jax.scan", "scan.hoisted": "jax.scan.hoisted",
+KERNEL_NAMES = {"scan": "jax.scan", "scan.hoisted": "jax.scan.hoisted", "scan.autodiff": "jax.scan.autodiff",
                 "native": "jax.native.flax_OptimizedLSTMCell",
                 "peer": "jax.peer.flax_rnn_seq_lengths"}
 
@@ -92,17 +92,78 @@ def lstm_layer(xp: jax.Array, keep: jax.Array, h: jax.Array, c: jax.Array, w_h: 
     return outs, h, c
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def lstm_layer_vjp(x: jax.Array, keep: jax.Array, h0: jax.Array, c0: jax.Array, w_x: jax.Array,
+                   w_h: jax.Array, b: jax.Array, unroll: int = 1) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`lstm_layer` (input projected per step) with a hand-written backward pass.
+
+    The forward scan keeps each step's gates, ``tanh(c)`` and (reset) incoming state; the backward
+    is one reverse scan for ``dz`` (only ``dz @ w_h.T`` per step), then the weight gradients as
+    single matmuls over the whole window. JAX's autodiff of the same scan measured ~6% (B=32 T=64
+    H=256) to ~18% (B=64 T=128 H=512) slower per layer on the CPU. The reset multiplies the
+    carried gradient by ``keep`` too, so nothing crosses a reset."""
+    (out, h, c), _ = _lstm_vjp_fwd(x, keep, h0, c0, w_x, w_h, b, unroll)
+    return out, h, c
+
+
+def _lstm_vjp_fwd(x, keep, h0, c0, w_x, w_h, b, unroll):
+    H = w_h.shape[0]
+
+    def step(carry, inputs):
+        h, c = carry
+        xt, kt = inputs
+        h, c = h * kt, c * kt
+        z = xt @ w_x + h @ w_h + b
+        gates = jnp.concatenate([jax.nn.sigmoid(z[:, :2 * H]), jnp.tanh(z[:, 2 * H:3 * H]),
+                                 jax.nn.sigmoid(z[:, 3 * H:])], -1)
+        i, f, g, o = jnp.split(gates, 4, axis=-1)
+        c_new = f * c + i * g
+        tc = jnp.tanh(c_new)
+        h_new = o * tc
+        return (h_new, c_new), (h_new, h, c, gates, tc)
+
+    (h, c), (out, h_in, c_in, gates, tc) = jax.lax.scan(step, (h0, c0), (x, keep), unroll=unroll)
+    return (out, h, c), (x, keep, h_in, c_in, gates, tc, w_x, w_h)
+
+
+def _lstm_vjp_bwd(unroll, res, cotangents):
+    x, keep, h_in, c_in, gates, tc, w_x, w_h = res
+    d_out, dh_T, dc_T = cotangents
+
+    def step(carry, inputs):
+        dh, dc = carry
+        d_out_t, kt, c_t, gates_t, tc_t = inputs
+        i, f, g, o = jnp.split(gates_t, 4, axis=-1)
+        dh = dh + d_out_t
+        dc = dc + dh * o * (1.0 - tc_t * tc_t)
+        dz = jnp.concatenate([dc * g * i * (1.0 - i), dc * c_t * f * (1.0 - f), dc * i * (1.0 - g * g),
+                              dh * tc_t * o * (1.0 - o)], -1)
+        return ((dz @ w_h.T) * kt, (dc * f) * kt), dz
+
+    (dh0, dc0), dz = jax.lax.scan(step, (dh_T, dc_T), (d_out, keep, c_in, gates, tc), reverse=True,
+                                  unroll=unroll)
+    return (dz @ w_x.T, jnp.zeros_like(keep), dh0, dc0, jnp.einsum("tbe,tbg->eg", x, dz),
+            jnp.einsum("tbh,tbg->hg", h_in, dz), dz.sum((0, 1)))
+
+
+lstm_layer_vjp.defvjp(_lstm_vjp_fwd, _lstm_vjp_bwd)
+
+
 def scan_layers(params: Params, h0: jax.Array, c0: jax.Array, inp: jax.Array, reset: jax.Array,
-                mask: Optional[jax.Array], layers: int, unroll: int, hoist: bool = False):
+                mask: Optional[jax.Array], layers: int, unroll: int, hoist: bool = False,
+                autodiff: bool = False):
     """Kernel ``scan``: the reset-aware stack. ``inp`` [T, B, E] time-major, ``reset`` [B, T];
     returns the last layer's outputs [T, B, H] and per-layer final ``h``, ``c`` lists. ``hoist``:
-    the input projection of the whole window is one matmul before the loop."""
+    the input projection of the whole window is one matmul before the loop (JAX's autodiff);
+    else per step, with the hand-written backward of :func:`lstm_layer_vjp` unless ``autodiff``."""
     keep = (1.0 - reset.T.astype(F32))[:, :, None]            # [T, B, 1]
     hs, cs = [], []
     for layer in range(layers):
         w_x, w_h, b = (params[f"lstm.{layer}.{k}"] for k in ("w_x", "w_h", "b"))
         if hoist:
             inp, h, c = lstm_layer(inp @ w_x + b, keep, h0[layer], c0[layer], w_h, unroll)
+        elif not autodiff:
+            inp, h, c = lstm_layer_vjp(inp, keep, h0[layer], c0[layer], w_x, w_h, b, unroll)
         else:
             inp, h, c = lstm_layer(inp, keep, h0[layer], c0[layer], w_h, unroll, w_x, b)
         hs.append(h)
@@ -146,6 +207,7 @@ def flax_layers(params: Params, h0: jax.Array, c0: jax.Array, inp: jax.Array, re
 # internal kernel key -> layer stack ("scan.hoisted": kernel scan with hoist=true)
 LAYER_STACKS: Dict[str, Callable] = {"scan": scan_layers,
                                      "scan.hoisted": functools.partial(scan_layers, hoist=True),
+                                     "scan.autodiff": functools.partial(scan_layers, autodiff=True),
                                      "native": flax_layers,
                                      "peer": functools.partial(flax_layers, lengths=True)}
 
@@ -224,21 +286,23 @@ class JaxBackend(Backend):
 
     def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optimizer: OptimizerSpec,
                  batch_size: int, device: str = "auto", kernel: str = "scan", unroll: int = 1,
-                 hoist: bool = False, **options: Any):
+                 hoist: bool = False, autodiff: bool = False, **options: Any):
         super().__init__(spec, weights, optimizer, batch_size, device, **options)
         if kernel not in KERNELS:
             raise ConfigError("backend.kernel", kernel, f"allowed for backend=jax: {', '.join(KERNELS)}")
         if not isinstance(unroll, (int, np.integer)) or isinstance(unroll, bool) or unroll < 1:
             raise ConfigError("backend.unroll", unroll, "allowed: a positive integer (1: no unrolling)")
-        if not isinstance(hoist, (bool, np.bool_)):
-            raise ConfigError("backend.hoist", hoist, "allowed: true, false")
+        for key, value in (("hoist", hoist), ("autodiff", autodiff)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ConfigError(f"backend.{key}", value, "allowed: true, false")
         if kernel != "scan":
             try:
                 import flax.linen  # noqa: F401
             except ImportError as err:
                 raise ConfigError("backend.kernel", kernel,
                                   f"needs flax ({err}); pip install 'resetbench[jax]'") from None
-        self._exact = "scan.hoisted" if hoist else "scan"       # what eval runs, for every kernel
+        # what eval runs, for every kernel
+        self._exact = "scan.hoisted" if hoist else ("scan.autodiff" if autodiff else "scan")
         self._kernel = self._exact if kernel == "scan" else kernel
         self.unroll = int(unroll)
         self.kernel = KERNEL_NAMES[self._kernel] + ("" if self.unroll == 1 else f".unroll{self.unroll}")

@@ -217,11 +217,14 @@ def test_precompile_covers_the_baseline_kernels(kernel):
 
 
 # --------------------------------------------------------------------------- scan, hoisted projection
-def test_hoisted_scan_matches_oracle_with_mid_window_resets():
-    """``hoist=true`` (the whole window's input projection before the loop) is exact too."""
-    be = make_backend("jax", SPEC, tiny_weights(0, SPEC), ADAM, B, hoist=True)
+@pytest.mark.parametrize("option,name", [("hoist", "jax.scan.hoisted"), ("autodiff", "jax.scan.autodiff")])
+def test_scan_variants_match_oracle_with_mid_window_resets(option, name):
+    """``hoist=true`` (the whole window's input projection before the loop) and ``autodiff=true``
+    (JAX's autodiff instead of the hand-written backward) are exact too; the default (hand-written
+    backward) runs the shared conformance suite."""
+    be = make_backend("jax", SPEC, tiny_weights(0, SPEC), ADAM, B, **{option: True})
     orc = oracle(SPEC, tiny_weights(0, SPEC), ADAM, B)
-    assert be.kernel == "jax.scan.hoisted"
+    assert be.kernel == name
     h0, c0 = random_state(41, SPEC, B)
     be.set_state(h0, c0)
     orc.set_state(h0, c0)
@@ -236,8 +239,9 @@ def test_hoisted_scan_matches_oracle_with_mid_window_resets():
     assert_close(be.eval_step(windows[0]), orc.eval_step(windows[0]), "eval total")
 
 
+@pytest.mark.parametrize("key", ["hoist", "autodiff"])
 @pytest.mark.parametrize("value", [1, "true", None])
-def test_bad_hoist_is_a_config_error(value):
+def test_bad_boolean_option_is_a_config_error(key, value):
     with pytest.raises(ConfigError) as err:
-        make_backend("jax", SPEC, tiny_weights(0, SPEC), ADAM, B, hoist=value)
-    assert err.value.key == "backend.hoist"
+        make_backend("jax", SPEC, tiny_weights(0, SPEC), ADAM, B, **{key: value})
+    assert err.value.key == f"backend.{key}"
