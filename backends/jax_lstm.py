@@ -66,6 +66,21 @@ KERNEL_NAMES = {"scan": "jax.scan", "scan.hoisted": "jax.scan.hoisted", "scan.au
 
 
 # --------------------------------------------------------------------------- the model (pure functions)
+def lstm_cell(carry: Tuple[jax.Array, jax.Array], xp_t: jax.Array, keep_t: jax.Array, w_h: jax.Array):
+    """One step: zero the rows that reset (which also cuts their gradient), then the LSTM cell on
+    the projected input ``xp_t`` [B, 4H]. Returns the new ``(h, c)`` and, for a hand-written
+    backward, the reset incoming ``(h, c)``, the gates ``[B, 4H]`` (i, f, g, o) and ``tanh(c)``."""
+    H = w_h.shape[0]
+    h, c = carry[0] * keep_t, carry[1] * keep_t
+    z = xp_t + h @ w_h
+    gates = jnp.concatenate([jax.nn.sigmoid(z[:, :2 * H]), jnp.tanh(z[:, 2 * H:3 * H]),
+                             jax.nn.sigmoid(z[:, 3 * H:])], -1)
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    c_new = f * c + i * g
+    tc = jnp.tanh(c_new)
+    return (o * tc, c_new), (h, c, gates, tc)
+
+
 def lstm_layer(xp: jax.Array, keep: jax.Array, h: jax.Array, c: jax.Array, w_h: jax.Array,
                unroll: int = 1, w_x: Optional[jax.Array] = None, b: Optional[jax.Array] = None
                ) -> Tuple[jax.Array, jax.Array, jax.Array]:
@@ -73,19 +88,10 @@ def lstm_layer(xp: jax.Array, keep: jax.Array, h: jax.Array, c: jax.Array, w_h: 
     or, given ``w_x`` and ``b``, the layer's input [T, B, in], projected inside the loop step by
     step. ``keep`` [T, B, 1] (0 where the state resets before step t). Returns outputs
     [T, B, H] and the final ``h``, ``c`` [B, H]."""
-    H = w_h.shape[0]
 
     def step(carry, inputs):
-        h, c = carry
         xt, kt = inputs
-        h, c = h * kt, c * kt                     # the reset: zero the state (and its gradient)
-        z = (xt if w_x is None else xt @ w_x + b) + h @ w_h
-        i = jax.nn.sigmoid(z[:, :H])
-        f = jax.nn.sigmoid(z[:, H:2 * H])
-        g = jnp.tanh(z[:, 2 * H:3 * H])
-        o = jax.nn.sigmoid(z[:, 3 * H:])
-        c = f * c + i * g
-        h = o * jnp.tanh(c)
+        (h, c), _ = lstm_cell(carry, xt if w_x is None else xt @ w_x + b, kt, w_h)
         return (h, c), h
 
     (h, c), outs = jax.lax.scan(step, (h, c), (xp, keep), unroll=unroll)
@@ -107,19 +113,9 @@ def lstm_layer_vjp(x: jax.Array, keep: jax.Array, h0: jax.Array, c0: jax.Array, 
 
 
 def _lstm_vjp_fwd(x, keep, h0, c0, w_x, w_h, b, unroll):
-    H = w_h.shape[0]
-
     def step(carry, inputs):
-        h, c = carry
         xt, kt = inputs
-        h, c = h * kt, c * kt
-        z = xt @ w_x + h @ w_h + b
-        gates = jnp.concatenate([jax.nn.sigmoid(z[:, :2 * H]), jnp.tanh(z[:, 2 * H:3 * H]),
-                                 jax.nn.sigmoid(z[:, 3 * H:])], -1)
-        i, f, g, o = jnp.split(gates, 4, axis=-1)
-        c_new = f * c + i * g
-        tc = jnp.tanh(c_new)
-        h_new = o * tc
+        (h_new, c_new), (h, c, gates, tc) = lstm_cell(carry, xt @ w_x + b, kt, w_h)
         return (h_new, c_new), (h_new, h, c, gates, tc)
 
     (h, c), (out, h_in, c_in, gates, tc) = jax.lax.scan(step, (h0, c0), (x, keep), unroll=unroll)

@@ -106,6 +106,13 @@ def _vf_lstm(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, params: List[t
     return torch._VF.lstm(x, (h0, c0), params, True, layers, 0.0, torch.is_grad_enabled(), False, True)
 
 
+def vf_params(weights: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> List[torch.Tensor]:
+    """Canonical ``(w_x, w_h, b)`` per layer -> ``torch._VF.lstm``'s flat parameter list
+    (weight_ih = w_x.T, weight_hh = w_h.T, bias_ih = b, bias_hh = 0): views, so gradients flow back."""
+    zeros = weights[0][2].new_zeros(weights[0][2].shape)
+    return [p for w_x, w_h, b in weights for p in (w_x.t(), w_h.t(), b, zeros)]
+
+
 def lstm_layers_fused(inp: torch.Tensor, reset: np.ndarray, h0: torch.Tensor, c0: torch.Tensor,
                       weights: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     """All LSTM layers over a window with per-row, per-step resets through the fused kernel.
@@ -117,11 +124,9 @@ def lstm_layers_fused(inp: torch.Tensor, reset: np.ndarray, h0: torch.Tensor, c0
     H = h0.shape[-1]
     keep0 = torch.from_numpy(~reset[:, 0]).to(inp.device, inp.dtype)[None, :, None]
     h0, c0 = h0 * keep0, c0 * keep0
-    zeros = inp.new_zeros(4 * H)
     plan = FusedPlan(reset)
     if plan.K == 0:                                      # no mid-window reset: one plain fused call
-        params = [p for w_x, w_h, b in weights for p in (w_x.t(), w_h.t(), b, zeros)]
-        return _vf_lstm(inp, h0, c0, params, len(weights))
+        return _vf_lstm(inp, h0, c0, vf_params(weights), len(weights))
     dev = inp.device
     flat = torch.from_numpy(plan.flat).to(dev)
     last = torch.from_numpy(plan.last).to(dev)
@@ -131,7 +136,8 @@ def lstm_layers_fused(inp: torch.Tensor, reset: np.ndarray, h0: torch.Tensor, c0
     x = x.view(B, plan.T2, -1)
     hs, cs = [], []
     for layer, (w_x, w_h, b) in enumerate(weights):
-        params = [torch.cat([w_x.t(), fw], 1), w_h.t(), b, zeros]
+        params = vf_params([(w_x, w_h, b)])
+        params[0] = torch.cat([params[0], fw], 1)        # weight_ih with the two flag columns
         x, _, c = _vf_lstm(torch.cat([x, flags], 2), h0[layer:layer + 1], c0[layer:layer + 1], params, 1)
         hs.append(x.reshape(B * plan.T2, H).index_select(0, last))   # h after the row's last token
         cs.append(c[0])                                              # c, held since then
@@ -188,12 +194,11 @@ def lstm_layers_packed(inp: torch.Tensor, lengths: np.ndarray, h0: torch.Tensor,
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
     B, T, _ = inp.shape
-    zeros = inp.new_zeros(4 * weights[0][1].shape[0])
-    params = [p for w_x, w_h, b in weights for p in (w_x.t(), w_h.t(), b, zeros)]
+    params = vf_params(weights)
     packed = pack_padded_sequence(inp, torch.from_numpy(np.maximum(lengths, 1)), batch_first=True,
                                   enforce_sorted=False)
-    h0 = torch.zeros_like(h0)
-    out, h, c = torch._VF.lstm(packed.data, packed.batch_sizes, (h0, c0.new_zeros(h0.shape)), params, True,
+    zero = torch.zeros_like(h0)                           # the padded layout starts every row fresh
+    out, h, c = torch._VF.lstm(packed.data, packed.batch_sizes, (zero, zero), params, True,
                                len(weights), 0.0, torch.is_grad_enabled(), False)
     out, _ = pad_packed_sequence(packed._replace(data=out), batch_first=True, total_length=T)
     order = packed.unsorted_indices
