@@ -8,7 +8,8 @@ import sys
 
 import hydra
 
-from benchmarks.cli import preflight, task
+from benchmarks.cli import preflight
+from benchmarks.jobs import task
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

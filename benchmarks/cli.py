@@ -1,9 +1,9 @@
-"""Command-line plumbing for ``run.py``: one-line errors before Hydra, and the Hydra task.
+"""Command-line checks for ``run.py``: one-line errors before Hydra starts.
 
 ``preflight`` composes the config from the command line with Hydra's compose API and validates
 it, so a bad key or value stops with one line (``error: key=value: what is allowed``) and exit
-code 2 before any run directory, data load or framework import. ``task`` is what ``@hydra.main``
-calls for each run (also inside ``-m`` sweeps).
+code 2 before any run directory, data load or framework import. What runs each job is
+:mod:`benchmarks.jobs`.
 """
 
 from __future__ import annotations
@@ -83,20 +83,3 @@ def check_config(plain) -> None:
         registry.check_installed(plain["backend"])
     except ConfigError as exc:
         fail(str(exc))
-
-
-def task(cfg) -> float:
-    """Run one benchmark in Hydra's run directory; returns the eval loss (for sweepers)."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
-    from benchmarks.harness import Diverged, run
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    out_dir = HydraConfig.get().runtime.output_dir
-    try:
-        summary = run(plain, out_dir)
-    except ConfigError as exc:
-        fail(str(exc))
-    except Diverged as exc:
-        fail(f"{exc} (files kept in {out_dir})", EXIT_DIVERGED)
-    return float(summary["eval_loss"])

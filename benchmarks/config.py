@@ -66,7 +66,7 @@ def _existing_file(key: str, path: Any) -> None:
 
 
 KNOWN_KEYS = {
-    "": {"backend", "strategy", "data", "model", "train", "eval", "device", "experiment", "tune_malloc"},
+    "": {"backend", "strategy", "data", "model", "train", "eval", "device", "experiment", "tune_malloc", "overwrite"},
     "model": {"embed", "hidden", "layers", "init"},
     "train": {"batch_size", "window", "steps", "epochs", "time_budget_s", "max_valid_tokens", "warmup_steps", "optimizer",
               "lr", "clip_norm", "seed", "log_every", "progress"},
@@ -125,8 +125,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
         positive_int(cfg, "strategy.pad_multiple")
     one_of(cfg, "data.name", DATA)
     one_of(cfg, "device", DEVICES)
-    if not isinstance(cfg.get("tune_malloc", True), bool):
-        raise ConfigError("tune_malloc", cfg.get("tune_malloc"), "allowed: true, false")
+    for key in ("tune_malloc", "overwrite"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ConfigError(key, cfg.get(key), "allowed: true, false")
     check_kernel(cfg)
     for key in ("model.embed", "model.hidden", "model.layers", "train.batch_size", "train.window",
                 "train.log_every", "eval.batch_size", "eval.window"):
