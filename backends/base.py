@@ -172,11 +172,20 @@ def load_weights(path: str, spec: ModelSpec) -> Dict[str, np.ndarray]:
     return check_weights(raw, spec)
 
 
-def save_weights(path: str, weights: Mapping[str, np.ndarray]) -> None:
-    """Write canonical weights atomically (temp file + rename)."""
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, **{k: np.asarray(v, dtype=np.float32) for k, v in weights.items()})
-    os.replace(tmp, path)
+def save_weights(path: str, weights: Mapping[str, np.ndarray], atomic: bool = True) -> None:
+    """Write canonical weights as a float32 ``.npz`` at exactly ``path``; ``atomic``: through a
+    temporary file renamed over ``path`` (removed again if the write fails)."""
+    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
+    target = f"{path}.tmp" if atomic else path
+    try:
+        with open(target, "wb") as fh:          # a file object: np.savez adds no ".npz" suffix
+            np.savez(fh, **arrays)
+        if atomic:
+            os.replace(target, path)
+    except BaseException:
+        if atomic and os.path.exists(target):
+            os.unlink(target)
+        raise
 
 
 # --------------------------------------------------------------------------- the protocol

@@ -1,4 +1,5 @@
-"""The machine a run happened on: CPU model, cores, memory, Python and NumPy versions."""
+"""The machine a run happened on: CPU model, cores, memory, Python and NumPy versions, and whether
+other processes shared its cores while it ran (:class:`CpuMonitor`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import os
 import platform
 import resource
 import sys
-from typing import Any, Dict, Optional
+import time
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -96,3 +98,58 @@ def environment() -> Dict[str, Any]:
     return {"host_cpu": cpu_model(), "host_cores": usable_cores(), "host_memory_bytes": memory_bytes(),
             "platform": platform.platform(), "python_version": platform.python_version(),
             "numpy_version": np.__version__, "malloc": malloc_state()}
+
+
+# --------------------------------------------------------------------------- other processes
+BUSY_CORES = 0.25    # other processes using more than this many cores make timings unreliable
+
+
+def _cpu_busy_seconds(cpus) -> Optional[float]:
+    """CPU seconds spent busy (not idle, not waiting for I/O) since boot on the CPUs ``cpus``,
+    from ``/proc/stat``; None off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    busy = 0
+    for line in lines:
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        v = [int(x) for x in rest.split()]
+        busy += sum(v[:8]) - v[3] - v[4]          # user nice system idle iowait irq softirq steal
+    return busy / tick
+
+
+class CpuMonitor:
+    """How many cores other processes used, between marks: the CPU time the machine's usable cores
+    (this process's affinity set) spent busy, minus this process's own CPU time, over wall time.
+    On a quiet machine it is ~0; another benchmark on the same 2 cores shows as ~1 core."""
+
+    def __init__(self):
+        try:
+            self.cpus = set(os.sched_getaffinity(0))
+        except AttributeError:
+            self.cpus = set(range(os.cpu_count() or 1))
+        self._mark = self._sample()
+
+    def _sample(self) -> Tuple[float, Optional[float], float]:
+        t = os.times()
+        return time.perf_counter(), _cpu_busy_seconds(self.cpus), t.user + t.system + t.children_user + t.children_system
+
+    def since_mark(self, remark: bool = True) -> Optional[float]:
+        """Cores used by other processes since the last mark (None where /proc/stat is missing or
+        no time passed); ``remark`` starts a new interval."""
+        now = self._sample()
+        (w0, b0, o0), (w1, b1, o1) = self._mark, now
+        if remark:
+            self._mark = now
+        if b0 is None or b1 is None or w1 - w0 <= 0:
+            return None
+        return max(0.0, ((b1 - b0) - (o1 - o0)) / (w1 - w0))
+
+
+def is_busy(other_cores: Optional[float]) -> bool:
+    return other_cores is not None and other_cores > BUSY_CORES

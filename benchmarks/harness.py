@@ -1,93 +1,69 @@
-"""The benchmark loop: data -> layout -> backend; warm-up, timed steps, evaluation, result files.
+"""One benchmark run: data -> layout -> backend; warm-up, timed steps, evaluation, result files.
 
-The harness imports no framework: the backend is built through :mod:`benchmarks.registry`
-after every config value, data file and weight file has been checked. Timing follows
-CONTRACT section 4: the device is synchronized before every clock read; compilation
-(``Backend.precompile``) and the untimed warm-up steps are reported as ``compile_time_s``;
-evaluation time is excluded from training time.
+The harness imports no framework: the backend is built through :mod:`benchmarks.registry` after
+every config value, data file and weight file has been checked. :func:`run` reads top to bottom;
+its parts are :class:`benchmarks.timing.StopRule` (when to stop), :class:`benchmarks.timing.StepTimer`
+(warm-up, compilation outside the clock, synchronized clocks), :class:`benchmarks.writer.RunWriter`
+(the files) and :class:`benchmarks.summary.RunSummary` (what ``summary.json`` holds).
 
-Files (CONTRACT section 6), written so an interrupted run leaves valid files behind:
-``steps.csv`` (one row per step, appended and flushed), ``evals.csv`` (periodic evaluations),
-``summary.json`` (rewritten atomically every ``train.log_every`` steps and at the end, with a
-``status``), ``weights.npz`` (final canonical weights).
+Every way a run can end leaves valid files with a final ``status``: ``completed``; ``diverged``
+(NaN/inf loss); ``interrupted`` / ``terminated`` (SIGINT / SIGTERM or SIGHUP, through a
+:class:`benchmarks.signals.StopGuard`: the run stops between steps and saves the last completed
+step's weights); ``failed`` (any error, a failed write included). A training step and its
+``steps.csv`` row are one critical section, so the summary's step count always matches steps.csv.
 """
 
 from __future__ import annotations
 
-import csv
-import json
+import dataclasses
 import math
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, IO, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from backends.base import Backend, init_weights, load_weights, save_weights
-from benchmarks import registry
+from backends.base import Backend, ModelSpec, OptimizerSpec, init_weights, load_weights
+from benchmarks import registry, rundir
 from benchmarks.config import model_spec, optimizer_spec, strategy_options, validate
 from benchmarks.data import Dataset, load_dataset
-from benchmarks.env import environment, peak_rss_bytes, reset_peak_rss, tune_malloc
-from benchmarks.strategies import Epoch, eval_batches, make_layout
-
-STEP_COLUMNS = ("step", "epoch", "loss", "valid_tokens", "total_slots", "step_time_s", "elapsed_s", "timed")
-EVAL_COLUMNS = ("step", "valid_tokens_seen", "elapsed_s", "eval_loss", "eval_tokens", "eval_time_s")
+from benchmarks.env import CpuMonitor, environment, is_busy, peak_rss_bytes, reset_peak_rss, tune_malloc
+from benchmarks.signals import NO_GUARD, Stopped
+from benchmarks.strategies import Epoch, Layout, eval_batches, make_layout
+from benchmarks.summary import RunSummary
+from benchmarks.timing import Progress, StepTimer, StopRule
+from benchmarks.writer import RunWriter, WriteError
 
 
 class Diverged(RuntimeError):
     """The training loss became NaN or inf."""
 
 
-class RunWriter:
-    """Owns the run directory's files; every write leaves them valid."""
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs before a framework is imported: sizes, data, layout, weights."""
 
-    def __init__(self, out_dir: str):
-        os.makedirs(out_dir, exist_ok=True)
-        self.out_dir = out_dir
-        self._steps = self._open_csv("steps.csv", STEP_COLUMNS)
-        self._evals = self._open_csv("evals.csv", EVAL_COLUMNS)
+    spec: ModelSpec
+    optimizer: OptimizerSpec
+    dataset: Dataset
+    layout: Layout
+    weights: Dict[str, np.ndarray]
+    eval_epoch: Epoch
+    batch_size: int
+    window: int
 
-    def _open_csv(self, name: str, columns) -> Tuple[IO[str], Any]:
-        fh = open(os.path.join(self.out_dir, name), "w", newline="")
-        writer = csv.writer(fh)
-        writer.writerow(columns)
-        fh.flush()
-        return fh, writer
-
-    def _append(self, target, row) -> None:
-        fh, writer = target
-        writer.writerow(row)
-        fh.flush()
-
-    def step(self, row) -> None:
-        self._append(self._steps, row)
-
-    def eval(self, row) -> None:
-        self._append(self._evals, row)
-
-    def summary(self, summary: Mapping[str, Any]) -> None:
-        path = os.path.join(self.out_dir, "summary.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(summary, fh, indent=2, sort_keys=True, default=_json_default)
-            fh.write("\n")
-        os.replace(tmp, path)
-
-    def weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        save_weights(os.path.join(self.out_dir, "weights.npz"), weights)
-
-    def close(self) -> None:
-        for fh, _ in (self._steps, self._evals):
-            fh.close()
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    return str(obj)
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "Setup":
+        t, seed = cfg["train"], int(cfg["train"]["seed"])
+        spec = model_spec(cfg)
+        dataset = load_dataset(cfg["data"], seed)
+        B, T = int(t["batch_size"]), int(t["window"])
+        init = cfg["model"].get("init")
+        return cls(spec, optimizer_spec(cfg), dataset,
+                   make_layout(cfg["strategy"]["name"], B, T, seed, **strategy_options(cfg)),
+                   load_weights(init, spec) if init else init_weights(spec, seed),
+                   eval_batches(dataset.eval, int(cfg["eval"]["batch_size"]), int(cfg["eval"]["window"])), B, T)
 
 
 def evaluate(backend: Backend, batches: Epoch) -> Tuple[float, int]:
@@ -101,6 +77,183 @@ def evaluate(backend: Backend, batches: Epoch) -> Tuple[float, int]:
         count += batch.valid_tokens
     backend.set_state(*saved)
     return (total / count if count else float("nan")), count
+
+
+def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = print,
+        guard: Any = NO_GUARD) -> Dict[str, Any]:
+    """Train and evaluate as ``cfg`` (a plain dict of the composed config) says; write the run
+    files into ``out_dir``; return the summary as a dict. User errors raise ConfigError before any
+    framework import; every other ending leaves a final status in ``summary.json`` (module
+    docstring) and re-raises: :class:`Diverged`, :class:`benchmarks.signals.Stopped`,
+    :class:`benchmarks.writer.WriteError`, or the error itself."""
+    validate(cfg)
+    monitor, peak_is_per_run = CpuMonitor(), reset_peak_rss()
+    setup = Setup.from_config(cfg)
+    registry.check_installed(cfg["backend"])           # before the heavy import
+    os.makedirs(out_dir, exist_ok=True)
+    summary = RunSummary.from_config(cfg).update(
+        **_process_identity(), **environment(), **setup.dataset.summary(), peak_mem_per_run=peak_is_per_run,
+        started_at=_now(), load_avg_start=_load_avg(), eval_time_s=0.0)
+    writer = RunWriter(out_dir)
+    progress, timer, backend = Progress(), None, None
+    try:
+        with guard.critical():
+            writer.summary(summary)
+        if cfg.get("tune_malloc", True):
+            tune_malloc()
+        backend = registry.build_backend(dict(cfg["backend"]), setup.spec, setup.weights, setup.optimizer,
+                                         setup.batch_size, device=cfg["device"])
+        summary.update(kernel=backend.kernel, device=backend.device, malloc=environment()["malloc"],
+                       framework_version=_framework_version(backend, cfg["backend"]["name"]),
+                       **{f"{k}_version": v for k, v in backend.versions().items()})
+        echo(_header(summary, setup))
+        timer = StepTimer(backend, int(cfg["train"]["warmup_steps"]))
+        reason = train(cfg, setup, backend, timer, writer, summary, monitor, progress, guard, echo)
+        with timer.excluded() as eval_time:
+            eval_loss, eval_tokens = evaluate(backend, setup.eval_epoch)
+        writer.eval((progress.step, progress.valid, f"{timer.elapsed():.6f}", f"{eval_loss:.6f}", eval_tokens,
+                     f"{eval_time[0]:.4f}"))
+        summary.eval_time_s += eval_time[0]
+        _fill(summary, progress, timer, backend, "completed", reason)
+        summary.update(eval_loss=eval_loss, eval_tokens=eval_tokens, eval_bits_per_byte=eval_loss / math.log(2))
+        with guard.critical():
+            writer.weights(backend.get_weights())
+            writer.summary(summary)
+    except BaseException as exc:           # leave valid files with a final status, then re-raise
+        _finish_after(exc, summary, progress, timer, backend, writer)
+        raise
+    finally:
+        writer.close()
+    _warn_if_busy(summary, echo)
+    echo(format_summary(summary.to_dict(), out_dir))
+    return summary.to_dict()
+
+
+def train(cfg: Mapping[str, Any], setup: Setup, backend: Backend, timer: StepTimer, writer: RunWriter,
+          summary: RunSummary, monitor: CpuMonitor, p: Progress, guard: Any, echo: Callable[[str], None]) -> str:
+    """The training loop: epochs of the layout until the stop rule says why it stopped."""
+    t, e = cfg["train"], cfg["eval"]
+    rule, eval_every, log_every = StopRule.from_config(t), e.get("every_steps"), int(t["log_every"])
+    bar = _Progress(bool(t.get("progress", True)), rule.total_steps)
+    with guard.critical():
+        timer.compile([], [(int(e["batch_size"]), int(e["window"]))])
+    summary.other_cpu_before = monitor.since_mark()
+    timer.start()
+    try:
+        while (reason := rule.before_epoch(p)) is None:
+            for batch in setup.layout.epoch(setup.dataset.train, p.epoch):
+                if (reason := rule.before_step(p, timer.elapsed())) is not None:
+                    return reason
+                with guard.critical():                     # a step and its row: all or nothing
+                    loss, dt, timed = timer.step(batch)
+                    writer.step((p.step + 1, p.epoch, f"{loss:.6f}", batch.valid_tokens, batch.total_slots,
+                                 f"{dt:.6f}", f"{timer.elapsed():.6f}", int(timed)))
+                    p.step, p.loss = p.step + 1, loss
+                    p.valid, p.slots = p.valid + batch.valid_tokens, p.slots + batch.total_slots
+                if not math.isfinite(loss):
+                    raise Diverged(f"training loss became {loss} at step {p.step}; lower train.lr or set "
+                                   f"train.clip_norm")
+                if eval_every and p.step % int(eval_every) == 0:
+                    with timer.excluded() as dt_eval:
+                        loss_e, count = evaluate(backend, setup.eval_epoch)
+                    summary.eval_time_s += dt_eval[0]
+                    with guard.critical():
+                        writer.eval((p.step, p.valid, f"{timer.elapsed():.6f}", f"{loss_e:.6f}", count,
+                                     f"{dt_eval[0]:.4f}"))
+                if p.step % log_every == 0:
+                    bar.update(log_every, loss=f"{loss:.3f}", tok_s=f"{timer.rate():,.0f}")
+                    _fill(summary, p, timer, backend, "running")
+                    with guard.critical():
+                        writer.summary(summary)
+            else:
+                p.epoch += 1
+        return reason
+    finally:
+        bar.close()
+        summary.other_cpu_during = monitor.since_mark()
+
+
+def _finish_after(exc: BaseException, summary: RunSummary, p: Progress, timer: Optional[StepTimer],
+                  backend: Optional[Backend], writer: RunWriter) -> None:
+    """Record how the run ended (status, error) and keep what can be kept: the last completed
+    step's weights after a stop signal. A second failure here does not hide the first."""
+    if isinstance(exc, Stopped):
+        status, error = exc.status, None
+    elif isinstance(exc, KeyboardInterrupt):    # in-process use without a StopGuard (notebooks, tests)
+        status, error = "interrupted", None
+    elif isinstance(exc, Diverged):
+        status, error = "diverged", str(exc)
+    else:
+        status = "failed"
+        error = str(exc) if isinstance(exc, WriteError) else f"{type(exc).__name__}: {_first_line(exc)}"
+    _fill(summary, p, timer, backend, status, status if status != "failed" else "error")
+    summary.error = error
+    try:
+        if status in ("interrupted", "terminated") and backend is not None:
+            writer.weights(backend.get_weights())
+        writer.summary(summary)
+    except (WriteError, OSError):
+        pass
+
+
+def _fill(summary: RunSummary, p: Progress, timer: Optional[StepTimer], backend: Optional[Backend],
+          status: str, reason: Optional[str] = None) -> None:
+    summary.update(status=status, stop_reason=reason, steps=p.step, epochs_done=p.epoch, valid_tokens=p.valid,
+                   total_slots=p.slots, pad_fraction=p.pad_fraction, train_loss_last=p.loss,
+                   finished_at=_now(), load_avg_end=_load_avg(), **(timer.fields() if timer else {}),
+                   **_peak_memory(backend))
+    summary.busy = is_busy(summary.other_cpu_during) if summary.other_cpu_during is not None else None
+
+
+def _process_identity() -> Dict[str, Any]:
+    me = rundir.identity()
+    return {"process_id": me["pid"], "parent_process_id": os.getppid(), "host": me["host"],
+            "process_start_ticks": me["start_ticks"]}
+
+
+def _framework_version(backend: Backend, name: str) -> str:
+    versions = backend.versions()
+    return versions.get(name) or next(iter(versions.values()), "")
+
+
+def _header(s: RunSummary, setup: Setup) -> str:
+    return (f"resetbench | backend={s.backend} kernel={s.kernel} device={s.device} | strategy={s.strategy} "
+            f"B={setup.batch_size} T={setup.window} | data={s.data} ({len(setup.dataset.train)} train / "
+            f"{len(setup.dataset.eval)} eval sequences, hash {s.data_hash})\n"
+            f"env | {s.host_cpu} x{s.host_cores} | python {s.python_version} | numpy {s.numpy_version} | "
+            f"{s.backend} {s.framework_version} | process {s.process_id}")
+
+
+def _warn_if_busy(s: RunSummary, echo: Callable[[str], None]) -> None:
+    if s.busy or is_busy(s.other_cpu_before):
+        echo(f"warning: other processes used {s.other_cpu_before or 0:.2f} cores while this run set up and "
+             f"{s.other_cpu_during or 0:.2f} during its timed steps (of {s.host_cores}): its timings are not "
+             f"reliable (busy: {str(bool(s.busy)).lower()} in summary.json)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _load_avg() -> Optional[float]:
+    """1-minute load average: a busy machine makes timings unreliable; this shows it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def _peak_memory(backend: Optional[Backend]) -> Dict[str, Any]:
+    """Peak device memory on an accelerator, else this process's peak resident memory."""
+    device_peak = backend.peak_memory_bytes() if backend is not None else None
+    if device_peak is not None:
+        return {"peak_mem_bytes": int(device_peak), "peak_mem_kind": "device"}
+    return {"peak_mem_bytes": peak_rss_bytes(), "peak_mem_kind": "host_rss"}
 
 
 class _Progress:
@@ -127,206 +280,6 @@ class _Progress:
             self.bar.close()
 
 
-def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Train and evaluate as ``cfg`` (a plain dict of the composed config) says; write the run
-    files into ``out_dir``; return the summary. User errors raise ConfigError before any
-    framework import; a NaN/inf loss raises :class:`Diverged` after writing the files."""
-    validate(cfg)
-    peak_is_per_run = reset_peak_rss()
-    t_cfg, e_cfg = cfg["train"], cfg["eval"]
-    seed = int(t_cfg["seed"])
-    spec, opt = model_spec(cfg), optimizer_spec(cfg)
-    dataset: Dataset = load_dataset(cfg["data"], seed)
-    B, T = int(t_cfg["batch_size"]), int(t_cfg["window"])
-    layout = make_layout(cfg["strategy"]["name"], B, T, seed, **strategy_options(cfg))
-    init = cfg["model"].get("init")
-    weights = load_weights(init, spec) if init else init_weights(spec, seed)
-    bcfg = dict(cfg["backend"])
-    registry.check_installed(bcfg)                     # before the heavy import
-    eval_epoch = eval_batches(dataset.eval, int(e_cfg["batch_size"]), int(e_cfg["window"]))
-
-    if cfg.get("tune_malloc", True):
-        tune_malloc()
-    backend = registry.build_backend(bcfg, spec, weights, opt, B, device=cfg["device"])
-    env = {**environment(), **{f"{k}_version": v for k, v in backend.versions().items()}}
-    framework = backend.versions().get(bcfg["name"]) or next(iter(backend.versions().values()), "")
-    echo(f"resetbench | backend={bcfg['name']} kernel={backend.kernel} device={backend.device} | "
-         f"strategy={layout.name} B={B} T={T} | data={dataset.name} ({len(dataset.train)} train / "
-         f"{len(dataset.eval)} eval sequences, hash {dataset.content_hash})")
-    echo(f"env | {env['host_cpu']} x{env['host_cores']} | python {env['python_version']} | "
-         f"numpy {env['numpy_version']} | {bcfg['name']} {framework}")
-
-    writer = RunWriter(out_dir)
-    steps_limit = t_cfg.get("steps")
-    steps_limit = math.inf if steps_limit is None else int(steps_limit)
-    epochs_limit = t_cfg.get("epochs")
-    budget = t_cfg.get("time_budget_s")
-    token_budget = t_cfg.get("max_valid_tokens")
-    warmup = int(t_cfg["warmup_steps"])
-    eval_every = e_cfg.get("every_steps")
-    log_every = int(t_cfg["log_every"])
-
-    summary: Dict[str, Any] = {
-        "status": "running", "backend": bcfg["name"], "strategy": layout.name, "data": dataset.name,
-        "kernel": backend.kernel, "device": backend.device, "seed": seed,
-        "batch_size": B, "window": T, "embed": spec.embed, "hidden": spec.hidden, "layers": spec.layers,
-        "optimizer": opt.name, "lr": opt.lr, "clip_norm": opt.clip_norm,
-        "framework_version": framework, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "load_avg_start": _load_avg(), "peak_mem_per_run": peak_is_per_run,
-        **env, **dataset.summary(), "config": cfg,
-    }
-    acc = {"step": 0, "epoch": 0, "valid": 0, "slots": 0, "timed_steps": 0, "timed_valid": 0,
-           "timed_time": 0.0, "step_time": 0.0, "compile": 0.0, "excluded": 0.0, "loss": None,
-           "eval_time": 0.0}
-    step_times: List[float] = []     # timed steps only
-    step_rates: List[float] = []     # their valid tokens / s
-    loop_t0 = time.perf_counter()
-
-    def elapsed() -> float:
-        return time.perf_counter() - loop_t0 - acc["excluded"]
-
-    def fill(status: str, stop_reason: Optional[str] = None) -> Dict[str, Any]:
-        train_elapsed = elapsed()
-        timed_time = acc["timed_time"]
-        summary.update({
-            "status": status, "stop_reason": stop_reason, "steps": acc["step"], "epochs_done": acc["epoch"],
-            "valid_tokens": acc["valid"], "total_slots": acc["slots"],
-            "pad_fraction": (1.0 - acc["valid"] / acc["slots"]) if acc["slots"] else None,
-            "warmup_steps": min(warmup, acc["step"]), "timed_steps": acc["timed_steps"],
-            "timed_valid_tokens": acc["timed_valid"], "train_time_s": timed_time,
-            "train_wall_s": train_elapsed, "compile_time_s": acc["compile"],
-            "valid_tokens_per_s": (acc["timed_valid"] / timed_time) if timed_time > 0 else None,
-            "step_time_median_s": float(np.median(step_times)) if step_times else None,
-            "valid_tokens_per_s_median": float(np.median(step_rates)) if step_rates else None,
-            "train_loss_last": acc["loss"],
-            "harness_overhead_fraction": (max(train_elapsed - acc["step_time"], 0.0) / train_elapsed)
-            if acc["step"] and train_elapsed > 0 else None,
-            **_peak_memory(backend),
-            "eval_time_s": acc["eval_time"],
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_avg_end": _load_avg(),
-        })
-        return summary
-
-    def do_eval() -> Tuple[float, int]:
-        t0 = time.perf_counter()
-        loss, count = evaluate(backend, eval_epoch)
-        backend.synchronize()
-        dt = time.perf_counter() - t0
-        acc["excluded"] += dt
-        acc["eval_time"] += dt
-        writer.eval((acc["step"], acc["valid"], f"{elapsed():.6f}", f"{loss:.6f}", count, f"{dt:.4f}"))
-        return loss, count
-
-    def compile_shapes(train_shapes, eval_shapes=()) -> None:
-        """Ahead-of-time compilation, counted as compile time and kept off the training clock."""
-        t0 = time.perf_counter()
-        backend.precompile(list(train_shapes), list(eval_shapes))
-        backend.synchronize()
-        dt = time.perf_counter() - t0
-        acc["compile"] += dt
-        acc["excluded"] += dt
-
-    compile_shapes([], [(int(e_cfg["batch_size"]), int(e_cfg["window"]))])
-    compiled = set()
-    total = None if steps_limit == math.inf else int(steps_limit)
-    progress = _Progress(bool(t_cfg.get("progress", True)), total)
-    stop_reason: Optional[str] = None
-    writer.summary(fill("running"))
-    try:
-        while stop_reason is None:
-            if epochs_limit is not None and acc["epoch"] >= int(epochs_limit):
-                stop_reason = "epochs"
-                break
-            if acc["step"] >= steps_limit:
-                stop_reason = "steps"
-                break
-            epoch = layout.epoch(dataset.train, acc["epoch"])
-            for batch in epoch:
-                if acc["step"] >= steps_limit:
-                    stop_reason = "steps"
-                    break
-                if budget is not None and elapsed() >= float(budget):
-                    stop_reason = "time_budget"
-                    break
-                if token_budget is not None and acc["valid"] >= int(token_budget):
-                    stop_reason = "token_budget"
-                    break
-                if batch.shape not in compiled:      # a new shape: compile it outside the clock
-                    compile_shapes([batch.shape])
-                    compiled.add(batch.shape)
-                t0 = time.perf_counter()
-                loss_value = backend.train_step(batch)
-                backend.synchronize()
-                loss = float(loss_value)
-                dt = time.perf_counter() - t0
-                timed = acc["step"] >= warmup
-                valid, slots = batch.valid_tokens, batch.total_slots
-                acc["step"] += 1
-                acc["valid"] += valid
-                acc["slots"] += slots
-                acc["step_time"] += dt
-                acc["loss"] = loss
-                if timed:
-                    acc["timed_steps"] += 1
-                    acc["timed_valid"] += valid
-                    acc["timed_time"] += dt
-                    step_times.append(dt)
-                    step_rates.append(valid / dt if dt > 0 else 0.0)
-                else:
-                    acc["compile"] += dt
-                writer.step((acc["step"], acc["epoch"], f"{loss:.6f}", valid, slots, f"{dt:.6f}",
-                             f"{elapsed():.6f}", int(timed)))
-                if not math.isfinite(loss):
-                    raise Diverged(f"training loss became {loss} at step {acc['step']}; "
-                                   f"lower train.lr or set train.clip_norm")
-                if eval_every and acc["step"] % int(eval_every) == 0:
-                    do_eval()
-                if acc["step"] % log_every == 0:
-                    rate = acc["timed_valid"] / acc["timed_time"] if acc["timed_time"] else 0.0
-                    progress.update(log_every, loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
-                    writer.summary(fill("running"))
-            else:
-                acc["epoch"] += 1
-                continue
-    except BaseException as exc:           # leave valid files behind, then re-raise
-        progress.close()
-        status = {Diverged: "diverged", KeyboardInterrupt: "interrupted"}.get(type(exc), "failed")
-        final = fill(status, "error" if status == "failed" else status)
-        if status == "failed":
-            final["error"] = f"{type(exc).__name__}: {exc}"
-        writer.summary(final)
-        if status == "interrupted":
-            writer.weights(backend.get_weights())
-        writer.close()
-        raise
-    progress.close()
-    eval_loss, eval_tokens = do_eval()
-    writer.weights(backend.get_weights())
-    result = fill("completed", stop_reason)
-    result.update({"eval_loss": eval_loss, "eval_tokens": eval_tokens,
-                   "eval_bits_per_byte": eval_loss / math.log(2)})
-    writer.summary(result)
-    writer.close()
-    echo(format_summary(result, out_dir))
-    return result
-
-
-def _load_avg() -> Optional[float]:
-    """1-minute load average: a busy machine makes timings unreliable; this shows it."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        return None
-
-
-def _peak_memory(backend: Backend) -> Dict[str, Any]:
-    """Peak device memory on an accelerator, else the process's peak resident memory."""
-    device_peak = backend.peak_memory_bytes()
-    if device_peak is not None:
-        return {"peak_mem_bytes": int(device_peak), "peak_mem_kind": "device"}
-    return {"peak_mem_bytes": peak_rss_bytes(), "peak_mem_kind": "host_rss"}
-
-
 def _fmt(value: Any, spec: str, none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
@@ -339,10 +292,11 @@ def format_summary(s: Mapping[str, Any], out_dir: str) -> str:
         ("valid tokens/s", f"{_fmt(s['valid_tokens_per_s'], ',.0f')} over {s['timed_steps']} timed steps "
                            f"({s['train_time_s']:.2f} s; compile+warm-up {s['compile_time_s']:.2f} s)"),
         ("train loss", f"{_fmt(s['train_loss_last'], '.4f')} (last step)"),
-        ("eval loss", f"{s['eval_loss']:.4f} nats/token = {s['eval_bits_per_byte']:.4f} bits/byte "
-                      f"over {s['eval_tokens']:,} tokens"),
+        ("eval loss", f"{_fmt(s['eval_loss'], '.4f')} nats/token = {_fmt(s['eval_bits_per_byte'], '.4f')} "
+                      f"bits/byte over {_fmt(s['eval_tokens'], ',')} tokens"),
         ("peak memory", f"{s['peak_mem_bytes'] / 2**20:,.0f} MiB ({s['peak_mem_kind']})"),
         ("harness overhead", f"{_fmt(s['harness_overhead_fraction'], '.2%')} of training wall time"),
+        ("machine", "busy: other processes shared the cores" if s.get("busy") else "quiet"),
         ("results", out_dir),
     ]
     width = max(len(k) for k, _ in rows)

@@ -8,7 +8,8 @@
   as the requested ``device``, becomes ``config.device``); ``run_dir`` (relative to ``root``),
   ``sweep`` (the multirun directory), ``experiment`` (the config's ``experiment`` key, else the
   sweep directory's name without its timestamp), ``status`` and ``complete``. Runs that were
-  interrupted, are still running, diverged or failed are kept and marked, never dropped.
+  interrupted or terminated, are still running (``stale``: ``running``, but its process is gone), diverged
+  or failed are kept and marked, never dropped.
 - ``steps``, ``evals``: ``steps.csv`` / ``evals.csv`` rows with the run's keys (:data:`KEYS`)
   in front; ``steps`` also gets ``valid_tokens_seen`` (cumulative valid tokens).
 - ``problems``: one line per run directory whose files are missing or broken (no or unparseable
@@ -37,9 +38,12 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
+from benchmarks.rundir import process_alive
+from benchmarks.summary import STATUSES as SUMMARY_STATUSES, RunSummary
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_MARKERS = ("summary.json", "steps.csv", os.path.join(".hydra", "config.yaml"))
-STATUSES = ("completed", "running", "interrupted", "diverged", "failed", "malformed")
+STATUSES = SUMMARY_STATUSES + ("stale", "malformed")
 # the run keys repeated in front of every steps/evals row
 KEYS = ("run_dir", "experiment", "sweep", "backend", "strategy", "data", "seed", "window",
         "batch_size", "status")
@@ -161,22 +165,15 @@ def read_run(run_dir: str, root: str) -> Tuple[Dict[str, Any], Optional[pd.DataF
     if p:
         problems.append(p)
 
-    row: Dict[str, Any] = {}
-    metrics = {k: v for k, v in (summary or {}).items() if k != "config" and not isinstance(v, Mapping)}
+    # the typed summary; without one, the identity fields from the run's config
+    record = RunSummary.from_dict(summary) if summary is not None else RunSummary.from_config(config)
+    fields = record.to_dict()
+    metrics = {k: v for k, v in fields.items() if k != "config" and not isinstance(v, Mapping)}
     metrics = {k: json.dumps(v, default=str) if isinstance(v, (list, tuple)) else v for k, v in metrics.items()}
+    row: Dict[str, Any] = {}
     for key, value in flatten(config).items():
         row[f"config.{key}" if key in metrics else key] = value
     row.update(metrics)
-    # the run keys, from the summary, else from the config
-    fallback = {"backend": config.get("backend", {}).get("name") if isinstance(config.get("backend"), Mapping) else None,
-                "strategy": config.get("strategy", {}).get("name") if isinstance(config.get("strategy"), Mapping) else None,
-                "data": config.get("data", {}).get("name") if isinstance(config.get("data"), Mapping) else None,
-                "seed": (config.get("train") or {}).get("seed") if isinstance(config.get("train"), Mapping) else None,
-                "window": (config.get("train") or {}).get("window") if isinstance(config.get("train"), Mapping) else None,
-                "batch_size": (config.get("train") or {}).get("batch_size") if isinstance(config.get("train"), Mapping) else None}
-    for k, v in fallback.items():
-        if row.get(k) is None:
-            row[k] = v
     if summary is None and steps is not None and len(steps):
         # usable leftovers of a run without a summary: totals from steps.csv
         valid, slots = steps.get("valid_tokens"), steps.get("total_slots")
@@ -194,11 +191,12 @@ def read_run(run_dir: str, root: str) -> Tuple[Dict[str, Any], Optional[pd.DataF
     if not isinstance(experiment, str) or not experiment:
         is_sweep = os.path.isfile(os.path.join(parent, "multirun.yaml"))
         experiment = experiment_from_sweep(os.path.basename(parent)) if is_sweep else "single"
-    status = (summary or {}).get("status")
-    if summary is None or status not in STATUSES:
-        if summary is not None and status not in STATUSES:
-            problems.append(f"summary.json has status {status!r}")
+    status = record.status if summary is not None else "malformed"
+    if status not in SUMMARY_STATUSES and status != "malformed":
+        problems.append(f"summary.json has status {status!r}")
         status = "malformed"
+    if status == "running" and process_alive(record.process_id, record.host, record.process_start_ticks) is False:
+        status = "stale"                  # its process is gone without a final status
     row.update({"run_dir": rel if rel != "." else os.path.basename(os.path.abspath(run_dir)),
                 "sweep": sweep, "experiment": experiment, "status": status,
                 "complete": status == "completed", "problem": "; ".join(problems) or None,
