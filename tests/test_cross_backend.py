@@ -1,43 +1,57 @@
 """Cross-backend: same seed and data -> the same losses step by step as torch for 10 SGD steps.
 
 Batches come from the real layouts (synthetic data, every strategy), so they carry state across
-windows and reset mid-window exactly as training does.
+windows and reset mid-window exactly as training does. Each backend trains in a process of its own
+(``python -m tests.trajectory``: two frameworks never share a process); this test only compares.
 """
 
 from __future__ import annotations
 
-import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from backends.base import ModelSpec, OptimizerSpec, init_weights
-from benchmarks.data import load_synthetic
-from benchmarks.strategies import make_layout
-from tests.helpers import assert_close, backend_names, make_backend
+from tests.helpers import REQUIRE_ALL, assert_close, backend_names
+from tests.trajectory import STRATEGIES
 
-SPEC = ModelSpec(embed=16, hidden=32, layers=1)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OTHERS = [n for n in backend_names() if n != "torch"]
 
 
-@pytest.mark.parametrize("strategy", ["packed", "reset_all", "padded"])
-@pytest.mark.parametrize("name", OTHERS)
-def test_ten_sgd_steps_match_torch(name, strategy):
-    ds = load_synthetic(60, 5, seed=3, length={"dist": "lognormal", "median": 20, "sigma": 0.8})
-    opts = {"pad_multiple": 32} if strategy == "padded" else {}  # few shapes: few compiles
-    layout = make_layout(strategy, batch_size=4, window=12, seed=0, **opts)
-    batches = list(itertools.islice(itertools.chain(layout.epoch(ds.train, 0), layout.epoch(ds.train, 1)), 10))
-    assert len(batches) == 10
-    if strategy == "packed":
-        assert any(b.reset[:, 1:].any() for b in batches), "need mid-window resets"
-    w = init_weights(SPEC, 0)
-    opt = OptimizerSpec("sgd", lr=1.0, clip_norm=1.0)
-    ref = make_backend("torch", SPEC, w, opt, 4)
-    other = make_backend(name, SPEC, w, opt, 4)
-    got = [float(other.train_step(b)) for b in batches]
-    exp = [float(ref.train_step(b)) for b in batches]
-    assert exp[0] != exp[-1]
-    assert_close(np.array(got), np.array(exp), f"{name} vs torch losses", rtol=2e-4)
-    wg, we = other.get_weights(), ref.get_weights()
-    for k in we:
-        assert_close(wg[k], we[k], f"{name} vs torch weights {k}", rtol=1e-3, atol_scale=1e-4)
+@pytest.fixture(scope="module")
+def trajectories(tmp_path_factory):
+    """Backend -> its trajectories (``python -m tests.trajectory``), computed once per session."""
+    from benchmarks import registry
+    folder = tmp_path_factory.mktemp("trajectories")
+    out = {}
+    for name in ["torch"] + OTHERS:
+        missing = registry.missing_requirements(registry.backend_configs()[name])
+        if missing:
+            if REQUIRE_ALL:
+                pytest.fail(f"backend {name} needs {missing} (RESETBENCH_REQUIRE_ALL=1)")
+            continue
+        path = folder / f"{name}.npz"
+        r = subprocess.run([sys.executable, "-m", "tests.trajectory", name, str(path)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
+        with np.load(path) as npz:
+            out[name] = {k: npz[k] for k in npz.files}
+    return out
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("other", OTHERS)
+def test_ten_sgd_steps_match_torch(trajectories, other, strategy):
+    if "torch" not in trajectories or other not in trajectories:
+        pytest.skip("backend not installed")
+    got, exp = trajectories[other], trajectories["torch"]
+    losses = f"{strategy}/losses"
+    assert exp[losses][0] != exp[losses][-1]
+    assert_close(got[losses], exp[losses], f"{other} vs torch losses ({strategy})", rtol=2e-4)
+    keys = [k for k in exp if k.startswith(f"{strategy}/w/")]
+    assert keys
+    for k in keys:
+        assert_close(got[k], exp[k], f"{other} vs torch weights {k}", rtol=1e-3, atol_scale=1e-4)
