@@ -5,9 +5,9 @@ row of the batch can be reset on its own, also in the middle of a window. Keras 
 rows at once (``reset_state()``), and a Keras mask means "skip this step", not "reset".
 
 ``ResetLSTM`` takes ``(inputs, resets)``: ``inputs`` [B, T, F] and ``resets`` [B, T] bool. Before
-step ``t`` the state ``(h, c)`` of every row ``b`` with ``resets[b, t]`` is multiplied by 0
-(resetbench's contract, ``shared/CONTRACT.md`` section 2). Multiplying by zero also cuts the
-gradient: nothing after a reset depends on anything before it. The layer returns the hidden
+step ``t`` the state ``(h, c)`` of every row ``b`` with ``resets[b, t]`` is replaced by zeros
+(resetbench's reset rule, docs/spec.md). The replacement is a select (``where``), so it also clears
+a NaN or inf state and cuts the gradient: nothing after a reset depends on anything before it. The layer returns the hidden
 states of every step, [B, T, H] (and the final ``h, c`` with ``return_state=True``).
 
 With ``stateful=True`` the layer keeps ``(h, c)`` per row across calls (a fixed batch size is
@@ -53,29 +53,34 @@ from keras import ops
 IMPLEMENTATIONS = ("auto", "scan", "unroll", "tf_while", "tf_bptt")
 
 
-def _lstm_cell(h, c, xp_t, keep_t, w_h, units: int):
-    """One step: zero the rows to reset (the contract's rule), then the LSTM cell.
-    Returns the new ``h``, ``c`` and the gate activations ``(i, f, g, o)``."""
-    h = h * keep_t
-    c = c * keep_t
+def lstm_cell(state, xp_t, w_h):
+    """The LSTM cell (``conf/cell/lstm.yaml``): ``(h, c)`` and the step's projected input ``xp_t``
+    [B, 4H] -> the new ``(h, c)`` and the gate activations ``(i, f, g, o)``."""
+    h, c = state
+    units = w_h.shape[0]
     z = xp_t + ops.matmul(h, w_h)
     i = ops.sigmoid(z[:, :units])
     f = ops.sigmoid(z[:, units:2 * units])
     g = ops.tanh(z[:, 2 * units:3 * units])
     o = ops.sigmoid(z[:, 3 * units:])
     c = f * c + i * g
-    h = o * ops.tanh(c)
-    return h, c, (i, f, g, o)
+    return (o * ops.tanh(c), c), (i, f, g, o)
 
 
-def _lstm_step(h, c, xp_t, keep_t, w_h, units: int):
-    h, c, _ = _lstm_cell(h, c, xp_t, keep_t, w_h, units)
-    return h, c
+def reset_state(state, keep_t):
+    """The reset rule for one step: rows with ``keep_t == 0`` ([B, 1]) get the zero state in every
+    component. A select (``where``), not a multiply: a NaN or inf state is cleared too."""
+    return tuple(ops.where(keep_t > 0, s, ops.zeros_like(s)) for s in state)
 
 
-def _tf_while_loop(xp, keep, h, c, w_h, units: int):
+def _step(cell, state, xp_t, keep_t, w_h):
+    """The time loops' step for any cell: reset, then the cell."""
+    return cell(reset_state(state, keep_t), xp_t, w_h)[0]
+
+
+def _tf_while_loop(cell, xp, keep, state, w_h):
     """TensorFlow fast path: ``tf.while_loop`` with ``TensorArray`` inputs and outputs.
-    ``xp`` [B, T, 4H], ``keep`` [B, T, 1]. Returns outputs [B, T, H], final h, c."""
+    ``xp`` [B, T, G*H], ``keep`` [B, T, 1]. Returns outputs [B, T, H] and the final state."""
     import tensorflow as tf
 
     xs = tf.transpose(xp, [1, 0, 2])
@@ -83,17 +88,17 @@ def _tf_while_loop(xp, keep, h, c, w_h, units: int):
     n = tf.shape(xs)[0]
     xs_ta = tf.TensorArray(xs.dtype, size=n, element_shape=xs.shape[1:]).unstack(xs)
     ks_ta = tf.TensorArray(ks.dtype, size=n, element_shape=ks.shape[1:]).unstack(ks)
-    out_ta = tf.TensorArray(h.dtype, size=n, element_shape=h.shape)
+    out_ta = tf.TensorArray(state[0].dtype, size=n, element_shape=state[0].shape)
 
-    def body(t, h, c, out_ta):
-        h, c = _lstm_step(h, c, xs_ta.read(t), ks_ta.read(t), w_h, units)
-        return t + 1, h, c, out_ta.write(t, h)
+    def body(t, state, out_ta):
+        state = _step(cell, state, xs_ta.read(t), ks_ta.read(t), w_h)
+        return t + 1, state, out_ta.write(t, state[0])
 
-    _, h, c, out_ta = tf.while_loop(lambda t, *_: t < n, body, (tf.constant(0), h, c, out_ta),
-                                    maximum_iterations=n)
+    _, state, out_ta = tf.while_loop(lambda t, *_: t < n, body, (tf.constant(0), tuple(state), out_ta),
+                                     maximum_iterations=n)
     outs = out_ta.stack()
-    outs.set_shape(xs.shape[:2].concatenate(h.shape[1:]))
-    return tf.transpose(outs, [1, 0, 2]), h, c
+    outs.set_shape(xs.shape[:2].concatenate(state[0].shape[1:]))
+    return tf.transpose(outs, [1, 0, 2]), state
 
 
 def _tf_bptt_loop(xp, keep, h0, c0, w_h, units: int):
@@ -101,7 +106,7 @@ def _tf_bptt_loop(xp, keep, h0, c0, w_h, units: int):
 
     Forward: the loop of :func:`_tf_while_loop`, also keeping each step's ``c`` and gate
     activations. Backward: one reverse ``tf.while_loop`` (the oracle's BPTT, reset rule included:
-    ``dh``, ``dc`` times ``keep`` before crossing to the previous step) that only writes each
+    ``dh``, ``dc`` set to zero at a reset before crossing to the previous step) that only writes each
     step's ``dz``; the recurrent-kernel gradient is then one [H, T*B] x [T*B, 4H] matmul instead of
     T small ones. TensorFlow's automatic gradient of a while loop stacks every intermediate, and
     under XLA its cost grows faster than T (measured 35k -> 15k tokens/s from T=64 to 512)."""
@@ -123,7 +128,7 @@ def _tf_bptt_loop(xp, keep, h0, c0, w_h, units: int):
         a_ta = tf.TensorArray(h0.dtype, size=n, element_shape=xs.shape[1:])
 
         def body(t, h, c, h_ta, c_ta, a_ta):
-            h, c, gates = _lstm_cell(h, c, xs_ta.read(t), ks_ta.read(t), w_h, H)
+            (h, c), gates = lstm_cell(reset_state((h, c), ks_ta.read(t)), xs_ta.read(t), w_h)
             return t + 1, h, c, h_ta.write(t, h), c_ta.write(t, c), a_ta.write(t, tf.concat(gates, 1))
 
         _, hT, cT, h_ta, c_ta, a_ta = tf.while_loop(
@@ -136,8 +141,8 @@ def _tf_bptt_loop(xp, keep, h0, c0, w_h, units: int):
             d_hs = tf.transpose(d_outs, [1, 0, 2]) if d_outs is not None else tf.zeros_like(hs)
             dh = d_hT if d_hT is not None else tf.zeros_like(h0)
             dc = d_cT if d_cT is not None else tf.zeros_like(c0)
-            h_prev = ks * tf.concat([h0[None], hs[:-1]], 0)    # the state each step started from
-            c_prev = ks * tf.concat([c0[None], cs[:-1]], 0)
+            # the state each step started from (after its reset)
+            h_prev, c_prev = reset_state((tf.concat([h0[None], hs[:-1]], 0), tf.concat([c0[None], cs[:-1]], 0)), ks)
             dh_ta, a_ta2, tc_ta, cp_ta, ks_ta2 = (ta(x, n) for x in (d_hs, acts, tf.tanh(cs), c_prev, ks))
             dz_ta = tf.TensorArray(h0.dtype, size=n, element_shape=xs.shape[1:])
 
@@ -149,8 +154,7 @@ def _tf_bptt_loop(xp, keep, h0, c0, w_h, units: int):
                 dc = dc_next + dh * o * (1.0 - tc * tc)
                 dz = tf.concat([dc * g * i * (1.0 - i), dc * cp_ta.read(t) * f * (1.0 - f),
                                 dc * i * (1.0 - g * g), dh * tc * o * (1.0 - o)], 1)
-                dh_next = tf.matmul(dz, w_h, transpose_b=True) * k  # the reset cuts the gradient
-                dc_next = dc * f * k
+                dh_next, dc_next = reset_state((tf.matmul(dz, w_h, transpose_b=True), dc * f), k)  # cut at a reset
                 return t - 1, dh_next, dc_next, dz_ta.write(t, dz)
 
             _, dh0, dc0, dz_ta = tf.while_loop(lambda t, *_: t >= 0, back, (n - 1, dh, dc, dz_ta),
@@ -181,26 +185,34 @@ def reset_lstm(inputs, resets, h0, c0, kernel, recurrent_kernel, bias, implement
     else:
         keep = ops.expand_dims(1.0 - ops.cast(resets, dtype), -1)  # [B, T, 1]
     if impl == "tf_bptt":
-        outs, h, c = _tf_bptt_loop(xp, keep, h0, c0, w_h, H)
-    elif impl == "tf_while":
-        outs, h, c = _tf_while_loop(xp, keep, h0, c0, w_h, H)
-    elif impl == "unroll":
-        h, c, seq = h0, c0, []
-        for xp_t, k_t in zip(ops.unstack(xp, axis=1), ops.unstack(keep, axis=1)):
-            h, c = _lstm_step(h, c, xp_t, k_t, w_h, H)
-            seq.append(h)
-        outs = ops.stack(seq, axis=1)
-    else:
-        # One scanned tensor [T, B, 4H + 1] (projection and keep side by side): Keras 3.15's
-        # TensorFlow scan fails on several scanned tensors when T is unknown at trace time.
-        # Its outputs must be shaped like the carry, hence (h, h).
-        def step(carry, xk):
-            h, c = _lstm_step(carry[0], carry[1], xk[:, :4 * H], xk[:, 4 * H:], w_h, H)
-            return (h, c), (h, h)
-        xk = ops.moveaxis(ops.concatenate([xp, keep], axis=-1), 1, 0)
-        (h, c), (outs, _) = ops.scan(step, (h0, c0), xk)
-        outs = ops.moveaxis(outs, 0, 1)
+        return _tf_bptt_loop(xp, keep, h0, c0, w_h, H)
+    outs, (h, c) = layer_loop(lstm_cell, xp, keep, (h0, c0), w_h, impl)
     return outs, h, c
+
+
+def layer_loop(cell, xp, keep, state, w_h, implementation: str):
+    """One layer of any cell over a window with the time loop ``implementation`` (``tf_while``,
+    ``unroll``, ``scan``): ``xp`` [B, T, G*H] projected inputs, ``keep`` [B, T, 1] (0: reset the
+    row before step t). Returns outputs [B, T, H] (the state's first component) and the final state."""
+    if implementation == "tf_while":
+        return _tf_while_loop(cell, xp, keep, state, w_h)
+    if implementation == "unroll":
+        seq = []
+        for xp_t, k_t in zip(ops.unstack(xp, axis=1), ops.unstack(keep, axis=1)):
+            state = _step(cell, state, xp_t, k_t, w_h)
+            seq.append(state[0])
+        return ops.stack(seq, axis=1), state
+    # One scanned tensor [T, B, G*H + 1] (projection and keep side by side): Keras 3.15's
+    # TensorFlow scan fails on several scanned tensors when T is unknown at trace time.
+    # Its outputs must be shaped like the carry, hence the first component repeated.
+    G = xp.shape[-1]
+
+    def step(carry, xk):
+        new = _step(cell, carry, xk[:, :G], xk[:, G:], w_h)
+        return new, tuple(new[0] for _ in new)
+    xk = ops.moveaxis(ops.concatenate([xp, keep], axis=-1), 1, 0)
+    state, outs = ops.scan(step, tuple(state), xk)
+    return ops.moveaxis(outs[0], 0, 1), state
 
 
 @keras.saving.register_keras_serializable(package="resetbench")

@@ -1,66 +1,110 @@
-"""The NumPy oracle: the contract LSTM forward and backward (BPTT with resets), and an adapter.
+"""The NumPy oracle: the contract model's forward and backward (BPTT with resets), and an adapter.
 
 This is the neutral judge every parity test compares against, and the smallest example of a
 backend adapter (see README "Adding a backend"). It is written for clarity and exactness, not
 speed; ``dtype=float64`` makes it usable for finite-difference checks.
 
-Reset rule (CONTRACT section 2): before step ``t`` the state of row ``b`` is multiplied by
-``keep[b, t] = 0 if reset[b, t] else 1``. Because the state is multiplied by zero, the gradient
-through it is zero too: nothing after a reset depends on anything before it.
+One time loop serves every cell: before step ``t`` it replaces each state component of every row
+``b`` with ``reset[b, t]`` by zero (a select, not a multiply: a NaN or inf state is cleared too),
+then calls the cell's step. In the backward pass the same select zeroes the gradient flowing into
+the earlier state, so nothing after a reset depends on anything before it. A cell
+(:class:`LstmCell`) is a pure step function and its backward; its weights are the canonical keys
+of ``conf/cell/<name>.yaml``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import numpy as np
 
 from backends.base import Backend, Batch, ConfigError, ModelSpec, OptimizerSpec, clip_scale
 
 Weights = Dict[str, np.ndarray]
+State = Tuple[np.ndarray, ...]
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # stable for large |z|
 
 
-def forward(w: Mapping[str, np.ndarray], batch: Batch, h0: np.ndarray, c0: np.ndarray,
-            layers: int) -> Tuple[np.ndarray, Dict[str, Any], np.ndarray, np.ndarray]:
-    """Run the model on ``batch`` from state ``(h0, c0)`` ([L, B, H]).
+class LstmCell:
+    """``conf/cell/lstm.yaml`` in NumPy: state ``(h, c)``, weights ``w_x``, ``w_h``, ``b``."""
 
-    Returns ``logits [B, T, V]``, a cache for :func:`backward`, and the final state ``(hT, cT)``.
-    """
+    def project(self, inp: np.ndarray, p: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The input part of every step at once: ``inp @ w_x + b``."""
+        return inp @ p["w_x"] + p["b"]
+
+    def step(self, state: State, xp_t: np.ndarray, p: Mapping[str, np.ndarray]) -> Tuple[State, Any]:
+        """One step from the (already reset) state; returns the new state and a cache for :meth:`back`."""
+        h, c = state
+        H = h.shape[-1]
+        z = xp_t + h @ p["w_h"]
+        i, f = _sigmoid(z[:, :H]), _sigmoid(z[:, H:2 * H])
+        g, o = np.tanh(z[:, 2 * H:3 * H]), _sigmoid(z[:, 3 * H:])
+        c_new = f * c + i * g
+        tc = np.tanh(c_new)
+        return (o * tc, c_new), (h, c, i, f, g, o, tc)
+
+    def back(self, cache: Any, d_state: State, p: Mapping[str, np.ndarray]):
+        """Backward of :meth:`step`: gradients w.r.t. the step's projected input, the incoming
+        state, and the recurrent weights (to be summed over steps)."""
+        h, c, i, f, g, o, tc = cache
+        dh, dc = d_state
+        dc = dc + dh * o * (1.0 - tc * tc)
+        dz = np.concatenate([dc * g * i * (1.0 - i), dc * c * f * (1.0 - f),
+                             dc * i * (1.0 - g * g), dh * tc * o * (1.0 - o)], axis=1)
+        return dz, (dz @ p["w_h"].T, dc * f), {"w_h": h.T @ dz}
+
+    def input_grads(self, inp: np.ndarray, dxp: np.ndarray, p: Mapping[str, np.ndarray]):
+        """Gradients of the input-side weights, and of the layer's input."""
+        G = dxp.shape[-1]
+        grads = {"w_x": inp.reshape(-1, inp.shape[-1]).T @ dxp.reshape(-1, G), "b": dxp.sum(axis=(0, 1))}
+        return grads, dxp @ p["w_x"].T
+
+
+CELLS = {"lstm": LstmCell()}
+
+
+def _layer(w: Mapping[str, np.ndarray], cell: str, layer: int) -> Dict[str, np.ndarray]:
+    """Layer ``layer``'s canonical weights without the ``<cell>.<layer>.`` prefix."""
+    prefix = f"{cell}.{layer}."
+    return {k[len(prefix):]: v for k, v in w.items() if k.startswith(prefix)}
+
+
+def _reset(state: State, reset_t: np.ndarray) -> State:
+    """The reset rule: rows with ``reset_t`` get the zero state (a select: NaN and inf are cleared)."""
+    return tuple(np.where(reset_t[:, None], np.zeros((), s.dtype), s) for s in state)
+
+
+def forward(w: Mapping[str, np.ndarray], batch: Batch, state: State, spec: ModelSpec
+            ) -> Tuple[np.ndarray, Dict[str, Any], State]:
+    """Run the model on ``batch`` from ``state`` (a tuple of ``[L, B, H]`` arrays, the cell's
+    state components). Returns ``logits [B, T, V]``, a cache for :func:`backward`, and the final state."""
     dtype = w["embedding"].dtype
+    cell = CELLS[spec.cell]
     B, T = batch.x.shape
-    keep = (~batch.reset).astype(dtype)                       # [B, T]
     inp = w["embedding"][batch.x]                              # [B, T, E]
-    cache: Dict[str, Any] = {"inputs": [], "steps": [], "keep": keep}
-    hT, cT = np.empty_like(h0), np.empty_like(c0)
-    for layer in range(layers):
-        w_x, w_h, b = w[f"lstm.{layer}.w_x"], w[f"lstm.{layer}.w_h"], w[f"lstm.{layer}.b"]
-        H = w_h.shape[0]
-        xp = inp @ w_x + b                                     # whole-window input projection
-        h, c = h0[layer].astype(dtype), c0[layer].astype(dtype)
-        outs = np.empty((B, T, H), dtype)
-        steps: List[Tuple[np.ndarray, ...]] = []
+    cache: Dict[str, Any] = {"inputs": [], "steps": []}
+    final: List[List[np.ndarray]] = [[] for _ in state]
+    for layer in range(spec.layers):
+        p = _layer(w, spec.cell, layer)
+        xp = cell.project(inp, p)
+        s = tuple(component[layer].astype(dtype) for component in state)
+        outs = np.empty((B, T, spec.hidden), dtype)
+        steps = []
         for t in range(T):
-            k = keep[:, t, None]
-            h_prev, c_prev = h * k, c * k
-            z = xp[:, t] + h_prev @ w_h
-            i, f = _sigmoid(z[:, :H]), _sigmoid(z[:, H:2 * H])
-            g, o = np.tanh(z[:, 2 * H:3 * H]), _sigmoid(z[:, 3 * H:])
-            c = f * c_prev + i * g
-            tc = np.tanh(c)
-            h = o * tc
-            outs[:, t] = h
-            steps.append((h_prev, c_prev, i, f, g, o, tc))
+            s, step_cache = cell.step(_reset(s, batch.reset[:, t]), xp[:, t], p)
+            outs[:, t] = s[0]
+            steps.append(step_cache)
         cache["inputs"].append(inp)
         cache["steps"].append(steps)
-        hT[layer], cT[layer] = h, c
+        for k, component in enumerate(s):
+            final[k].append(component)
         inp = outs
     cache["top"] = inp
     logits = inp @ w["head.w"] + w["head.b"]
-    return logits, cache, hT, cT
+    return logits, cache, tuple(np.stack(f) for f in final)
 
 
 def cross_entropy(logits: np.ndarray, y: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -78,49 +122,45 @@ def masked_mean(ce: np.ndarray, mask: np.ndarray) -> float:
     return float((ce * mask).sum() / n) if n > 0 else 0.0
 
 
-def backward(w: Mapping[str, np.ndarray], batch: Batch, cache: Dict[str, Any],
-             probs: np.ndarray, layers: int) -> Weights:
+def backward(w: Mapping[str, np.ndarray], batch: Batch, cache: Dict[str, Any], probs: np.ndarray,
+             spec: ModelSpec) -> Weights:
     """Gradients of the masked-mean loss w.r.t. every canonical weight (BPTT within the batch;
     the incoming state is a constant, so no gradient flows into it)."""
     dtype = w["embedding"].dtype
+    cell = CELLS[spec.cell]
     B, T = batch.x.shape
     n = max(float(batch.mask.sum()), 1.0)
     dlogits = probs.copy()
     np.put_along_axis(dlogits, batch.y[..., None], np.take_along_axis(dlogits, batch.y[..., None], -1) - 1, -1)
     dlogits *= (batch.mask / n)[..., None].astype(dtype)
-    grads: Weights = {}
     top = cache["top"]
-    grads["head.w"] = top.reshape(-1, top.shape[-1]).T @ dlogits.reshape(-1, dlogits.shape[-1])
-    grads["head.b"] = dlogits.sum(axis=(0, 1))
+    grads: Weights = {"head.w": top.reshape(-1, top.shape[-1]).T @ dlogits.reshape(-1, dlogits.shape[-1]),
+                      "head.b": dlogits.sum(axis=(0, 1))}
     dout = dlogits @ w["head.w"].T                             # [B, T, H] into the top layer
-    keep = cache["keep"]
-    for layer in reversed(range(layers)):
-        w_x, w_h = w[f"lstm.{layer}.w_x"], w[f"lstm.{layer}.w_h"]
-        H = w_h.shape[0]
-        inp, steps = cache["inputs"][layer], cache["steps"][layer]
-        dxp = np.empty((B, T, 4 * H), dtype)
-        dw_h = np.zeros_like(w_h)
-        dh_next = np.zeros((B, H), dtype)
-        dc_next = np.zeros((B, H), dtype)
+    for layer in reversed(range(spec.layers)):
+        p = _layer(w, spec.cell, layer)
+        steps = cache["steps"][layer]
+        dxp = np.empty((B, T, p["w_h"].shape[1]), dtype)
+        d_state = tuple(np.zeros((B, spec.hidden), dtype) for _ in range(_arity(spec)))
+        rec: Dict[str, np.ndarray] = {}
         for t in reversed(range(T)):
-            h_prev, c_prev, i, f, g, o, tc = steps[t]
-            dh = dout[:, t] + dh_next
-            dc = dc_next + dh * o * (1.0 - tc * tc)
-            dz = np.concatenate([dc * g * i * (1.0 - i), dc * c_prev * f * (1.0 - f),
-                                 dc * i * (1.0 - g * g), dh * tc * o * (1.0 - o)], axis=1)
-            dxp[:, t] = dz
-            dw_h += h_prev.T @ dz
-            k = keep[:, t, None]                               # the reset cuts the gradient
-            dh_next = (dz @ w_h.T) * k
-            dc_next = dc * f * k
-        grads[f"lstm.{layer}.w_x"] = inp.reshape(-1, inp.shape[-1]).T @ dxp.reshape(-1, 4 * H)
-        grads[f"lstm.{layer}.w_h"] = dw_h
-        grads[f"lstm.{layer}.b"] = dxp.sum(axis=(0, 1))
-        dout = dxp @ w_x.T
+            d_state = (d_state[0] + dout[:, t],) + d_state[1:]
+            dxp[:, t], d_prev, rec_t = cell.back(steps[t], d_state, p)
+            for k, g in rec_t.items():
+                rec[k] = rec[k] + g if k in rec else g
+            d_state = _reset(d_prev, batch.reset[:, t])          # the reset cuts the gradient
+        in_grads, dout = cell.input_grads(cache["inputs"][layer], dxp, p)
+        for k, g in {**in_grads, **rec}.items():
+            grads[f"{spec.cell}.{layer}.{k}"] = g
     demb = np.zeros_like(w["embedding"])
     np.add.at(demb, batch.x.reshape(-1), dout.reshape(-1, dout.shape[-1]))
     grads["embedding"] = demb
     return {k: grads[k] for k in w}
+
+
+def _arity(spec: ModelSpec) -> int:
+    from backends.cells import cell_spec
+    return len(cell_spec(spec.cell).state)
 
 
 class NumpyOptimizer:
@@ -167,8 +207,7 @@ class NumpyBackend(Backend):
         self.reset_state(batch_size)
 
     def _run(self, batch: Batch):
-        logits, cache, hT, cT = forward(self.w, batch, self.h, self.c, self.spec.layers)
-        self.h, self.c = hT, cT
+        logits, cache, self.state = forward(self.w, batch, self.state, self.spec)
         return logits, cache
 
     def forward(self, batch: Batch) -> np.ndarray:
@@ -177,7 +216,7 @@ class NumpyBackend(Backend):
     def gradients(self, batch: Batch) -> Tuple[float, Weights]:
         logits, cache = self._run(batch)
         ce, probs = cross_entropy(logits, batch.y)
-        return masked_mean(ce, batch.mask), backward(self.w, batch, cache, probs, self.spec.layers)
+        return masked_mean(ce, batch.mask), backward(self.w, batch, cache, probs, self.spec)
 
     def train_step(self, batch: Batch) -> float:
         loss, grads = self.gradients(batch)
@@ -189,13 +228,12 @@ class NumpyBackend(Backend):
         ce, _ = cross_entropy(logits, batch.y)
         return float((ce * batch.mask).sum())
 
-    def get_state(self) -> Tuple[np.ndarray, np.ndarray]:
-        return self.h.astype(np.float32), self.c.astype(np.float32)
+    def get_state(self) -> State:
+        return tuple(s.astype(np.float32) for s in self.state)
 
-    def set_state(self, h: np.ndarray, c: np.ndarray) -> None:
-        self.h = np.array(h, dtype=self.dtype)
-        self.c = np.array(c, dtype=self.dtype)
-        self.batch_size = self.h.shape[1]
+    def set_state(self, *state: np.ndarray) -> None:
+        self.state = tuple(np.array(s, dtype=self.dtype) for s in state)
+        self.batch_size = self.state[0].shape[1]
 
     def get_weights(self) -> Weights:
         return {k: v.astype(np.float32) for k, v in self.w.items()}
@@ -204,9 +242,8 @@ class NumpyBackend(Backend):
         return {"numpy": np.__version__}
 
 
-def loss_fn(w: Mapping[str, np.ndarray], batch: Batch, h0: np.ndarray, c0: np.ndarray,
-            layers: int) -> float:
-    """Masked-mean loss of ``batch`` from state ``(h0, c0)``: the scalar finite differences probe."""
-    logits, _, _, _ = forward(w, batch, h0, c0, layers)
+def loss_fn(w: Mapping[str, np.ndarray], batch: Batch, state: State, spec: ModelSpec) -> float:
+    """Masked-mean loss of ``batch`` from ``state``: the scalar finite differences probe."""
+    logits, _, _ = forward(w, batch, state, spec)
     ce, _ = cross_entropy(logits, batch.y)
     return masked_mean(ce, batch.mask)

@@ -13,12 +13,15 @@ export are copies. Kernels (``backend.kernel``, recorded as ``kernel`` in ``summ
   the rewritten window. Saturated sigmoids are exactly 0 or 1 in float32, so the result equals
   the contract's math (checked against the oracle like every kernel). A window with ``K`` resets
   in its busiest row costs ``T + K`` steps instead of ``T``; a window without mid-window resets
-  is one plain fused call (column-0 resets zero the initial state).
-- ``loop``: eager time loop (input projection hoisted, one ``addmm`` per step); the reset is a
-  multiply of the carried state by ``keep = 1 - reset[:, t]``. Per-step inputs via ``unbind``
-  (slicing ``xp[:, t]`` makes backward several times slower).
-- ``script`` (the loop under ``torch.jit.script``) and ``compile`` (the loop under
-  ``torch.compile``, one graph per window shape, built in :meth:`TorchBackend.precompile`).
+  is one plain fused call (column-0 resets zero the initial state). A zeroing step multiplies the
+  old ``c`` by 0, which keeps a NaN or inf; a window whose rewritten outputs are not finite is
+  therefore run again through ``loop``, whose reset selects the zero state.
+- ``loop``: one time loop for every cell (:func:`layer_loop`, the cell :func:`lstm_cell`): before
+  each step the rows that reset get the zero state (``torch.where``), then one ``addmm`` per step
+  (input projection hoisted). Per-step inputs via ``unbind`` (slicing ``xp[:, t]`` makes backward
+  several times slower).
+- ``compile``: the loop under ``torch.compile``, one graph per window shape, built in
+  :meth:`TorchBackend.precompile`.
 - Baselines (``backends.base.BASELINE_KERNELS``): ``native`` is the plain fused kernel (no
   mid-window reset possible); ``peer`` is ``nn.LSTM``'s kernel over ``pack_padded_sequence``,
   what a torch user writes for variable-length batches (padded layout only). Both train only;
@@ -28,7 +31,8 @@ export are copies. Kernels (``backend.kernel``, recorded as ``kernel`` in ``summ
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+import functools
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -37,28 +41,51 @@ import torch.nn.functional as F
 from backends.base import (BASELINE_KERNELS, Backend, Batch, ConfigError, ModelSpec, OptimizerSpec,
                            check_no_mid_reset, padded_lengths)
 
-KERNELS = ("fused", "loop", "script", "compile", "native", "peer")
-LOOP_KERNELS = ("loop", "script", "compile")
+KERNELS = ("fused", "loop", "compile", "native", "peer")
+LOOP_KERNELS = ("loop", "compile")
+State = Tuple[torch.Tensor, ...]
 
 
-def lstm_layer_loop(xp: torch.Tensor, keep: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
-                    w_h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One LSTM layer over a window. ``xp`` [B, T, 4H] (input projection + bias), ``keep``
-    [B, T, 1] (0 where the state resets before step t). Returns outputs [B, T, H], final h, c."""
-    outs: List[torch.Tensor] = []
+def lstm_cell(state: State, xt: torch.Tensor, w_h: torch.Tensor) -> State:
+    """The LSTM cell (``conf/cell/lstm.yaml``): ``(h, c)`` and the step's projected input ``xt``
+    [B, 4H] (``x w_x + b``) -> the new ``(h, c)``."""
+    h, c = state
     H = h.shape[1]
-    for xt, kt in zip(xp.unbind(1), keep.unbind(1)):
-        h = h * kt
-        c = c * kt
-        z = torch.addmm(xt, h, w_h)
-        i = torch.sigmoid(z[:, :H])
-        f = torch.sigmoid(z[:, H:2 * H])
-        g = torch.tanh(z[:, 2 * H:3 * H])
-        o = torch.sigmoid(z[:, 3 * H:])
-        c = f * c + i * g
-        h = o * torch.tanh(c)
-        outs.append(h)
-    return torch.stack(outs, 1), h, c
+    z = torch.addmm(xt, h, w_h)
+    i = torch.sigmoid(z[:, :H])
+    f = torch.sigmoid(z[:, H:2 * H])
+    g = torch.tanh(z[:, 2 * H:3 * H])
+    o = torch.sigmoid(z[:, 3 * H:])
+    c = f * c + i * g
+    return o * torch.tanh(c), c
+
+
+def layer_loop(cell: Callable[[State, torch.Tensor, torch.Tensor], State], xp: torch.Tensor, reset: torch.Tensor,
+               state: State, w_h: torch.Tensor) -> Tuple[torch.Tensor, State]:
+    """One layer of any cell over a window, step by step. ``xp`` [B, T, G*H] (input projection +
+    bias), ``reset`` [B, T, 1] bool: before step t the rows that reset get the zero state in every
+    component (``torch.where``: a NaN or inf state is cleared too, and no gradient passes). Returns
+    the outputs [B, T, H] (the state's first component) and the final state."""
+    outs: List[torch.Tensor] = []
+    zero = xp.new_zeros(())
+    for xt, rt in zip(xp.unbind(1), reset.unbind(1)):   # unbind: slicing xp[:, t] makes backward slower
+        state = cell(tuple(torch.where(rt, zero, s) for s in state), xt, w_h)
+        outs.append(state[0])
+    return torch.stack(outs, 1), state
+
+
+def lstm_layers_loop(inp: torch.Tensor, reset: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                     weights: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]], loop=None):
+    """All LSTM layers through :func:`layer_loop` (or ``loop``, e.g. its compiled version);
+    ``reset`` [B, T] bool tensor. Returns outputs [B, T, H] and final ``h``, ``c`` [L, B, H]."""
+    loop = loop or functools.partial(layer_loop, lstm_cell)
+    r = reset.unsqueeze(-1)
+    hs, cs = [], []
+    for layer, (w_x, w_h, b) in enumerate(weights):
+        inp, (h, c) = loop(torch.matmul(inp, w_x) + b, r, (h0[layer], c0[layer]), w_h)
+        hs.append(h)
+        cs.append(c)
+    return inp, torch.stack(hs), torch.stack(cs)
 
 
 # --------------------------------------------------------------------------- the fused kernel
@@ -122,11 +149,24 @@ def lstm_layers_fused(inp: torch.Tensor, reset: np.ndarray, h0: torch.Tensor, c0
     [L, B, H]. See the module docstring for the rewrite that makes the resets exact."""
     B, T, _ = inp.shape
     H = h0.shape[-1]
-    keep0 = torch.from_numpy(~reset[:, 0]).to(inp.device, inp.dtype)[None, :, None]
-    h0, c0 = h0 * keep0, c0 * keep0
+    reset0 = torch.from_numpy(reset[:, 0]).to(inp.device)[None, :, None]
+    h0, c0 = (torch.where(reset0, inp.new_zeros(()), s) for s in (h0, c0))   # a select: clears NaN too
     plan = FusedPlan(reset)
     if plan.K == 0:                                      # no mid-window reset: one plain fused call
         return _vf_lstm(inp, h0, c0, vf_params(weights), len(weights))
+    out, h, c = _fused_rewritten(inp, plan, h0, c0, weights)
+    if not bool(torch.isfinite(out).all() and torch.isfinite(c).all()):
+        # a zeroing step multiplies the old c by 0, which keeps a NaN or inf: run the window
+        # through the loop kernel, whose reset selects the zero state
+        return lstm_layers_loop(inp, torch.from_numpy(reset).to(inp.device), h0, c0, weights)
+    return out, h, c
+
+
+def _fused_rewritten(inp: torch.Tensor, plan: "FusedPlan", h0: torch.Tensor, c0: torch.Tensor,
+                     weights: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """The window rewritten by ``plan`` through the fused kernel, layer by layer."""
+    B, T, _ = inp.shape
+    H = h0.shape[-1]
     dev = inp.device
     flat = torch.from_numpy(plan.flat).to(dev)
     last = torch.from_numpy(plan.last).to(dev)
@@ -205,14 +245,7 @@ def lstm_layers_packed(inp: torch.Tensor, lengths: np.ndarray, h0: torch.Tensor,
     return out, h.index_select(1, order), c.index_select(1, order)
 
 
-_SCRIPTED: Dict[str, Any] = {}
-
-
-def _scripted_layer():
-    """``lstm_layer_loop`` compiled by TorchScript once per process."""
-    if "layer" not in _SCRIPTED:
-        _SCRIPTED["layer"] = torch.jit.script(lstm_layer_loop)
-    return _SCRIPTED["layer"]
+_COMPILED: Dict[str, Any] = {}
 
 
 class ResetLSTM(torch.nn.Module):
@@ -225,17 +258,16 @@ class ResetLSTM(torch.nn.Module):
     i, f, g, o): ``nn.LSTM``'s ``weight_ih_l0`` is ``w_x.T`` and ``bias_ih + bias_hh`` is ``b``.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, kernel: str = "fused", script: bool = False):
+    def __init__(self, input_size: int, hidden_size: int, kernel: str = "fused"):
         super().__init__()
-        if kernel not in ("fused", "loop", "script"):
-            raise ValueError(f"ResetLSTM kernel={kernel!r}: allowed fused, loop, script")
+        if kernel not in ("fused", "loop"):
+            raise ValueError(f"ResetLSTM kernel={kernel!r}: allowed fused, loop")
         bound = hidden_size ** -0.5
         self.hidden_size = hidden_size
         self.w_x = torch.nn.Parameter(torch.empty(input_size, 4 * hidden_size).uniform_(-bound, bound))
         self.w_h = torch.nn.Parameter(torch.empty(hidden_size, 4 * hidden_size).uniform_(-bound, bound))
         self.b = torch.nn.Parameter(torch.zeros(4 * hidden_size))
-        self.kernel = "script" if script else kernel
-        self._layer = _scripted_layer() if self.kernel == "script" else lstm_layer_loop
+        self.kernel = kernel
 
     def forward(self, x: torch.Tensor, reset: torch.Tensor,
                 state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
@@ -247,17 +279,15 @@ class ResetLSTM(torch.nn.Module):
             out, h, c = lstm_layers_fused_grouped(x, reset.detach().bool().cpu().numpy(), state[0][None],
                                           state[1][None], [(self.w_x, self.w_h, self.b)])
             return out, (h[0], c[0])
-        keep = (~reset.bool()).to(x.dtype).unsqueeze(-1)
-        xp = torch.matmul(x, self.w_x) + self.b
-        out, h, c = self._layer(xp, keep, state[0], state[1], self.w_h)
-        return out, (h, c)
+        out, h, c = lstm_layers_loop(x, reset.bool(), state[0][None], state[1][None], [(self.w_x, self.w_h, self.b)])
+        return out, (h[0], c[0])
 
 
-def _compiled_layer():
-    """``lstm_layer_loop`` under ``torch.compile`` (static shapes), once per process."""
-    if "compiled" not in _SCRIPTED:
-        _SCRIPTED["compiled"] = torch.compile(lstm_layer_loop, dynamic=False)
-    return _SCRIPTED["compiled"]
+def _compiled_loop():
+    """The LSTM :func:`layer_loop` under ``torch.compile`` (static shapes), once per process."""
+    if "loop" not in _COMPILED:
+        _COMPILED["loop"] = torch.compile(functools.partial(layer_loop, lstm_cell), dynamic=False)
+    return _COMPILED["loop"]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -289,10 +319,7 @@ class TorchBackend(Backend):
         self.kernel_option = kernel
         self.kernel = {"native": "torch.native.nn_LSTM", "peer": "torch.peer.pack_padded_sequence"}.get(
             kernel, f"torch.{kernel}")
-        self._layer = None
-        if kernel in LOOP_KERNELS:
-            self._layer = {"loop": lambda: lstm_layer_loop, "script": _scripted_layer,
-                           "compile": _compiled_layer}[kernel]()
+        self._loop = _compiled_loop() if kernel == "compile" else None     # None: the eager loop
         self.p = {k: torch.nn.Parameter(torch.tensor(np.asarray(v, np.float32), device=self.dev))
                   for k, v in weights.items()}
         params = list(self.p.values())
@@ -317,15 +344,6 @@ class TorchBackend(Backend):
         return [(self.p[f"lstm.{l}.w_x"], self.p[f"lstm.{l}.w_h"], self.p[f"lstm.{l}.b"])
                 for l in range(self.spec.layers)]
 
-    def _layers_loop(self, inp: torch.Tensor, batch: Batch):
-        keep = torch.from_numpy(~batch.reset).to(self.dev, torch.float32).unsqueeze(-1)
-        hs, cs = [], []
-        for layer, (w_x, w_h, b) in enumerate(self._lstm_weights()):
-            inp, h, c = self._layer(torch.matmul(inp, w_x) + b, keep, self.h[layer], self.c[layer], w_h)
-            hs.append(h)
-            cs.append(c)
-        return inp, torch.stack(hs), torch.stack(cs)
-
     def _layers(self, inp: torch.Tensor, batch: Batch, exact: bool = False):
         """All LSTM layers from the carried state with the chosen kernel: outputs, final h, c.
         ``exact``: the baselines (native, peer) hand over to the reset-aware fused kernel (for
@@ -334,7 +352,8 @@ class TorchBackend(Backend):
         if exact and kernel in BASELINE_KERNELS:
             kernel = "fused"
         if kernel in LOOP_KERNELS:
-            return self._layers_loop(inp, batch)
+            return lstm_layers_loop(inp, torch.from_numpy(batch.reset).to(self.dev), self.h, self.c,
+                                    self._lstm_weights(), self._loop)
         if kernel == "peer":
             return lstm_layers_packed(inp, padded_lengths(batch, "peer"), self.h, self.c, self._lstm_weights())
         if kernel == "native":
@@ -419,9 +438,9 @@ class TorchBackend(Backend):
             for B, T in shapes:
                 with torch.set_grad_enabled(grad):
                     xp = torch.zeros(B, T, 4 * H, device=self.dev, requires_grad=grad)
-                    keep = torch.ones(B, T, 1, device=self.dev)
+                    reset = torch.zeros(B, T, 1, dtype=torch.bool, device=self.dev)
                     h = torch.zeros(B, H, device=self.dev)
-                    out, _, _ = self._layer(xp, keep, h, h, w_h if grad else w_h.detach())
+                    out, _ = self._loop(xp, reset, (h, h), w_h if grad else w_h.detach())
                     if grad:
                         out.sum().backward()
 
