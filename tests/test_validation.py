@@ -3,8 +3,8 @@ of a ``-m`` sweep, is refused by ``run.py``'s preflight with ``error: key=value:
 code 2, no traceback, no run directory; the option schemas of conf/backend and conf/data; the
 memory estimate; text files read as bytes.
 
-The CLI cases run through ``benchmarks.cli.preflight`` (what ``run.py`` runs before Hydra) in one
-subprocess, so ~50 cases cost one interpreter start; a handful also run as ``python run.py``.
+The CLI cases run ``run.py`` (``runpy``, with ``sys.argv`` set) one after another in one
+subprocess, so ~80 cases cost one interpreter start; a handful also run as ``python run.py``.
 """
 
 from __future__ import annotations
@@ -172,14 +172,20 @@ def _fixtures(tmp) -> None:
 
 
 DRIVER = r"""
-import contextlib, io, json, sys, traceback
-from benchmarks.cli import preflight
+import contextlib, io, json, os, runpy, sys, traceback
+import benchmarks.jobs
+
+def task(cfg):   # reached only if preflight let a bad command line through
+    raise RuntimeError("preflight let this command line through")
+
+benchmarks.jobs.task = task
 results = []
 for args in json.load(sys.stdin):
     out, err = io.StringIO(), io.StringIO()
+    sys.argv = ["run.py", *args]
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            preflight(args)
+            runpy.run_path(os.path.join(os.environ["PYTHONPATH"], "run.py"), run_name="__main__")
             rc = 0
         except SystemExit as exc:
             rc = exc.code
