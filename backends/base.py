@@ -139,37 +139,72 @@ def init_weights(spec: ModelSpec, seed: int) -> Dict[str, np.ndarray]:
 
 
 def check_weights(weights: Mapping[str, np.ndarray], spec: ModelSpec,
-                  key_name: str = "model.init") -> Dict[str, np.ndarray]:
-    """Return float32 copies of ``weights`` after checking every key and shape against ``spec``.
+                  key_name: str = "model.init", source: Any = "<weights>") -> Dict[str, np.ndarray]:
+    """Return float32 copies of ``weights`` after checking them against ``spec``: every canonical
+    key present with its shape, a floating-point dtype and finite values, and no other key.
 
-    Raises :class:`ConfigError` naming the first missing key or wrong shape.
+    Raises :class:`ConfigError` (``key_name=source: key 'K' ...``; ``source`` is the file) naming
+    the first missing, extra or bad key.
     """
     shapes = canonical_shapes(spec)
+
+    def bad(message: str) -> ConfigError:
+        return ConfigError(key_name, source, message)
+
     out: Dict[str, np.ndarray] = {}
     for key, shape in shapes.items():
         if key not in weights:
-            raise ConfigError(key_name, key, f"missing canonical key {key!r} (expected keys: "
-                              f"{', '.join(shapes)})")
+            raise bad(f"missing canonical key {key!r} (expected keys: {', '.join(shapes)})")
         arr = np.asarray(weights[key])
+        if arr.dtype.kind != "f":
+            raise bad(f"key {key!r} has dtype {arr.dtype}; canonical weights are floating-point arrays")
         if tuple(arr.shape) != shape:
-            raise ConfigError(key_name, key, f"shape {tuple(arr.shape)} but model.embed/hidden/"
-                              f"layers require {shape}")
+            raise bad(f"key {key!r} has shape {tuple(arr.shape)} but model.embed/hidden/layers require {shape}")
         if not np.all(np.isfinite(arr)):
-            raise ConfigError(key_name, key, "contains NaN or inf")
+            raise bad(f"key {key!r} contains NaN or inf")
         out[key] = arr.astype(np.float32, copy=True)
+    for key in weights:
+        if key in shapes:
+            continue
+        parts = str(key).split(".")
+        if len(parts) == 3 and parts[0] == "lstm" and parts[1].isdigit() and int(parts[1]) >= spec.layers:
+            raise bad(f"key {key!r} is a weight of LSTM layer {parts[1]}, but model.layers={spec.layers} "
+                      f"(set model.layers to the file's layer count)")
+        raise bad(f"unknown key {key!r} (canonical keys: {', '.join(shapes)})")
     return out
 
 
+NPZ_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")     # an .npz is a zip archive (np.savez); empty or not
+
+
 def load_weights(path: str, spec: ModelSpec) -> Dict[str, np.ndarray]:
-    """Load and check a canonical ``.npz`` (``model.init=PATH``)."""
+    """Load and check a canonical ``.npz`` (``model.init=PATH``); every error names the file."""
     if not os.path.isfile(path):
         raise ConfigError("model.init", path, "file not found; give a canonical weights .npz")
     try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ConfigError("model.init", path, f"cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if magic not in NPZ_MAGIC:
+        raise ConfigError("model.init", path, "not an .npz archive (np.savez writes one: canonical weights "
+                          "by key, CONTRACT section 3)")
+    raw: Dict[str, np.ndarray] = {}
+    try:
         with np.load(path, allow_pickle=False) as npz:
-            raw = {k: npz[k] for k in npz.files}
+            for key in npz.files:
+                try:
+                    raw[key] = npz[key]
+                except ValueError:     # object arrays need pickle, which is never allowed
+                    raise ConfigError("model.init", path, f"key {key!r} holds Python objects; canonical "
+                                      f"weights are floating-point arrays") from None
+    except ConfigError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error
-        raise ConfigError("model.init", path, f"not a readable .npz ({type(exc).__name__})") from None
-    return check_weights(raw, spec)
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError("model.init", path, f"not a readable .npz ({type(exc).__name__}"
+                          f"{': ' + detail if detail else ''})") from None
+    return check_weights(raw, spec, source=path)
 
 
 def save_weights(path: str, weights: Mapping[str, np.ndarray], atomic: bool = True) -> None:

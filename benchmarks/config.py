@@ -2,21 +2,29 @@
 
 :func:`validate` takes the composed config as a plain dict and raises
 :class:`backends.base.ConfigError` (``key=value: what is allowed``) for the first bad value.
+
+The options of each backend and data source are declared once, in a ``schema`` mapping of their
+``conf/<group>/<name>.yaml`` (read from the file, so an override cannot change it), in a small type
+language (:func:`parse_type`). :func:`estimate_memory` sizes a run before anything is allocated.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
-from typing import Any, Mapping
+import re
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from backends.base import ConfigError, ModelSpec, OptimizerSpec
+from backends.base import VOCAB, ConfigError, ModelSpec, OptimizerSpec
 from benchmarks import registry
+from benchmarks.data import DataSize, check_file, check_length_params
 from benchmarks.strategies import STRATEGIES
 
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adam", "sgd")
 DATA = ("kjv", "synthetic", "textfile")
+INT64_MAX = 2 ** 63 - 1
 
 
 def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
@@ -58,13 +66,107 @@ def one_of(cfg: Mapping[str, Any], key: str, allowed) -> Any:
     return v
 
 
-def _existing_file(key: str, path: Any) -> None:
-    if not isinstance(path, str) or not path:
-        raise ConfigError(key, path, "required: a path to a text file")
-    if not os.path.isfile(path):
-        raise ConfigError(key, path, "file not found")
+# --------------------------------------------------------------------------- the option type language
+_BOUND = re.compile(r"\s*(>=|<=|>|<)\s*(-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)")
+_COMPARE: Dict[str, Callable[[Any, Any], bool]] = {
+    ">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}
 
 
+def _show(v: Any) -> str:
+    return "null" if v is None else ("true" if v is True else "false" if v is False else str(v))
+
+
+def _numeric(base: str, rest: str, spec: Any) -> Tuple[Callable[[Any], bool], str]:
+    bounds = []
+    pos = 0
+    while pos < len(rest):
+        m = _BOUND.match(rest, pos)
+        if not m:
+            raise ValueError(f"schema type {spec!r}: cannot parse {rest[pos:]!r}")
+        bounds.append((m.group(1), float(m.group(2))))
+        pos = m.end()
+    if base == "int":
+        kind = lambda v: _is_int(v) and -INT64_MAX <= v <= INT64_MAX  # noqa: E731
+    else:
+        kind = lambda v: (isinstance(v, numbers.Real) and not isinstance(v, bool)  # noqa: E731
+                          and math.isfinite(v))
+    noun = "integer" if base == "int" else "number"
+    if bounds == [(">=", 1)] and base == "int" or bounds == [(">", 0)]:
+        desc = f"a positive {noun}"
+    elif bounds in ([(">=", 0)],):
+        desc = f"a non-negative {noun}"
+    else:
+        desc = f"{'an' if base == 'int' else 'a'} {noun}" + "".join(
+            f"{' and' if i else ''} {op} {_show(int(b) if b == int(b) else b)}" for i, (op, b) in enumerate(bounds))
+    return (lambda v: kind(v) and all(_COMPARE[op](v, b) for op, b in bounds)), desc
+
+
+def parse_type(spec: Any) -> List[Tuple[str, Callable[[Any], bool], str]]:
+    """A schema entry -> its alternatives, each ``(base, accepts(value) -> bool, description)``.
+
+    The language: a YAML list is the allowed values themselves, compared with their type
+    (``[auto, true, false]``: the string ``"true"`` or the number 1 is not ``true``). A string is
+    alternatives joined by `` or ``, each one of ``null``; ``bool`` (YAML true/false only, never a
+    string such as ``no``); ``str``; ``file`` (a path to a readable regular file); ``int`` or
+    ``number`` (finite), followed by bounds ``>=N``, ``>N``, ``<=N``, ``<N`` (``number>0 <1``).
+    Raises ValueError for an entry it cannot parse (a bug in a yaml file: tests parse every one).
+    """
+    if isinstance(spec, list):
+        allowed = list(spec)
+        return [("values", lambda v: any(type(v) is type(a) and v == a for a in allowed),
+                 f"allowed: {', '.join(_show(a) for a in allowed)}")]
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"schema type {spec!r}: a string or a list of values")
+    out = []
+    for alt in spec.split(" or "):
+        alt = alt.strip()
+        m = re.match(r"(int|number)(.*)$", alt)
+        if alt == "null":
+            out.append(("null", lambda v: v is None, "null"))
+        elif alt == "bool":
+            out.append(("bool", lambda v: isinstance(v, bool), "true or false"))
+        elif alt == "str":
+            out.append(("str", lambda v: isinstance(v, str), "a string"))
+        elif alt == "file":
+            out.append(("file", lambda v: isinstance(v, str) and v != "", "a path to a file"))
+        elif m:
+            out.append((m.group(1), *_numeric(m.group(1), m.group(2), spec)))
+        else:
+            raise ValueError(f"schema type {spec!r}: unknown type {alt!r} (null, bool, str, file, int, "
+                             f"number, or a list of values)")
+    return out
+
+
+def check_type(key: str, value: Any, spec: Any) -> None:
+    """Raise ConfigError unless ``value`` is of schema type ``spec`` (see :func:`parse_type`)."""
+    alternatives = parse_type(spec)
+    for base, accepts, _ in alternatives:
+        if accepts(value):
+            if base == "file":
+                check_file(key, value)
+            return
+    if len(alternatives) == 1 and alternatives[0][0] == "values":
+        raise ConfigError(key, value, alternatives[0][2])
+    descs = [d for _, _, d in alternatives]
+    big = _is_int(value) and abs(value) > INT64_MAX
+    raise ConfigError(key, value, "must be " + " or ".join(descs) + (" (at most 2^63-1)" if big else ""))
+
+
+def check_schema(prefix: str, options: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
+    """Check every option of ``options`` that ``schema`` declares (nested mappings recurse)."""
+    for key, spec in schema.items():
+        if key not in options:
+            continue
+        full = f"{prefix}.{key}"
+        if isinstance(spec, Mapping):
+            if not isinstance(options[key], Mapping):
+                raise ConfigError(full, options[key], f"must be a mapping of {', '.join(spec)}")
+            check_schema(full, options[key], spec)
+        else:
+            check_type(full, options[key], spec)
+
+
+# --------------------------------------------------------------------------- keys
 KNOWN_KEYS = {
     "": {"backend", "strategy", "data", "model", "train", "eval", "device", "experiment", "tune_malloc", "overwrite"},
     "model": {"embed", "hidden", "layers", "init"},
@@ -72,10 +174,22 @@ KNOWN_KEYS = {
               "lr", "clip_norm", "seed", "log_every", "progress"},
     "eval": {"batch_size", "window", "every_steps"},
 }
+BOOL_KEYS = ("tune_malloc", "overwrite", "train.progress")
+
+
+def _check_nested_keys(prefix: str, node: Mapping[str, Any], known: Mapping[str, Any], what: str) -> None:
+    for key, value in node.items():
+        full = f"{prefix}.{key}"
+        if key not in known:
+            raise ConfigError(full, value, f"not an option of {what}; options: "
+                              f"{', '.join(sorted(k for k in known if k not in registry.META_KEYS)) or '(none)'}")
+        if isinstance(known[key], Mapping) and isinstance(value, Mapping):
+            _check_nested_keys(full, value, known[key], what)
 
 
 def check_keys(cfg: Mapping[str, Any]) -> None:
-    """Reject keys that no part of resetbench reads (a typo or a stray ``+key=``)."""
+    """Reject keys that no part of resetbench reads (a typo or a stray ``+key=``), and overrides of
+    a group's metadata (``_target_``, ``requires``, ``schema``, ...: they describe the file)."""
     for section, known in KNOWN_KEYS.items():
         node = cfg if not section else cfg.get(section, {})
         for key in node:
@@ -87,11 +201,20 @@ def check_keys(cfg: Mapping[str, Any]) -> None:
         name = cfg.get(group, {}).get("name")
         if name not in registry.group_options(group):
             continue
-        known = set(registry.group_config(group, name))
-        for key in cfg[group]:
-            if key not in known:
-                raise ConfigError(f"{group}.{key}", cfg[group][key], f"not an option of {group}={name}; "
-                                  f"options: {', '.join(sorted(k for k in known if k not in registry.META_KEYS)) or '(none)'}")
+        declared = registry.group_config(group, name)
+        _check_nested_keys(group, cfg[group], declared, f"{group}={name}")
+        for meta in registry.META_KEYS:
+            if meta != "name" and meta in cfg[group] and cfg[group][meta] != declared.get(meta):
+                raise ConfigError(f"{group}.{meta}", cfg[group][meta], f"metadata of conf/{group}/{name}.yaml, "
+                                  f"not an option")
+
+
+def check_options(cfg: Mapping[str, Any]) -> None:
+    """Every backend and data option against the ``schema`` of its yaml file, before any import."""
+    for group in ("backend", "data"):
+        name = cfg[group]["name"]
+        schema = registry.group_config(group, name).get("schema") or {}
+        check_schema(group, cfg[group], schema)
 
 
 def check_kernel(cfg: Mapping[str, Any]) -> None:
@@ -115,6 +238,20 @@ def check_kernel(cfg: Mapping[str, Any]) -> None:
                           f"use strategy=padded (got strategy={strategy})")
 
 
+def check_backend_combinations(cfg: Mapping[str, Any]) -> None:
+    """Option combinations a backend refuses when it is built (mirrored here, so they fail before
+    the framework loads): keras ``loop`` is ResetLSTM's, and XLA cannot compile ``loop=scan``."""
+    b = cfg["backend"]
+    if b["name"] == "keras":
+        loop, kernel = b.get("loop", "auto"), b.get("kernel", "reset")
+        if kernel != "reset" and loop != "auto":
+            raise ConfigError("backend.loop", loop, f"ResetLSTM's loop; kernel={kernel} runs keras.layers.LSTM's "
+                              f"own loop: leave loop=auto")
+        if loop == "scan" and b.get("jit_compile") is True:
+            raise ConfigError("backend.jit_compile", True, "XLA cannot compile loop=scan (Keras's scan sets no "
+                              "maximum_iterations); use loop=tf_while or jit_compile=false")
+
+
 def validate(cfg: Mapping[str, Any]) -> None:
     """Raise ConfigError for the first invalid value of the composed config."""
     one_of(cfg, "backend.name", registry.group_options("backend"))
@@ -123,12 +260,12 @@ def validate(cfg: Mapping[str, Any]) -> None:
     check_keys(cfg)
     if _get(cfg, "strategy.name") == "padded":
         positive_int(cfg, "strategy.pad_multiple")
-    one_of(cfg, "data.name", DATA)
     one_of(cfg, "device", DEVICES)
-    for key in ("tune_malloc", "overwrite"):
-        if not isinstance(cfg.get(key, False), bool):
-            raise ConfigError(key, cfg.get(key), "allowed: true, false")
+    for key in BOOL_KEYS:
+        check_type(key, _get(cfg, key), "bool")
     check_kernel(cfg)
+    check_options(cfg)
+    check_backend_combinations(cfg)
     for key in ("model.embed", "model.hidden", "model.layers", "train.batch_size", "train.window",
                 "train.log_every", "eval.batch_size", "eval.window"):
         positive_int(cfg, key)
@@ -148,21 +285,10 @@ def validate(cfg: Mapping[str, Any]) -> None:
     if not _is_int(seed) or seed < 0:
         raise ConfigError("train.seed", seed, "must be a non-negative integer")
     init = _get(cfg, "model.init")
-    if init is not None and (not isinstance(init, str) or not os.path.isfile(init)):
-        raise ConfigError("model.init", init, "file not found; give a canonical weights .npz or null")
-    data = _get(cfg, "data")
-    if data["name"] == "textfile":
-        _existing_file("data.path", data.get("path"))
-        if data.get("eval_path") is not None:
-            _existing_file("data.eval_path", data.get("eval_path"))
-        one_of(cfg, "data.unit", ("line", "paragraph"))
-    if data["name"] == "synthetic":
-        positive_int(cfg, "data.train_sequences")
-        positive_int(cfg, "data.eval_sequences")
-        one_of(cfg, "data.length.dist", ("fixed", "uniform", "lognormal"))
-    for key in ("max_train_sequences", "max_eval_sequences"):
-        if data.get(key) is not None:
-            positive_int(cfg, f"data.{key}")
+    if init is not None:
+        check_file("model.init", init, "a canonical weights .npz, or null")
+    if cfg["data"]["name"] == "synthetic":
+        check_length_params(cfg["data"]["length"])
 
 
 def model_spec(cfg: Mapping[str, Any]) -> ModelSpec:
@@ -180,3 +306,136 @@ def optimizer_spec(cfg: Mapping[str, Any]) -> OptimizerSpec:
 def strategy_options(cfg: Mapping[str, Any]) -> dict:
     """The strategy group's options (everything but its name)."""
     return {k: v for k, v in cfg["strategy"].items() if k != "name"}
+
+
+# --------------------------------------------------------------------------- memory
+# What a run holds at its peak, in bytes (a deliberately simple model; every count is float32 = 4
+# bytes unless said otherwise; P = the number of canonical weights, H/E/L/V the model sizes):
+#   weights      8 P: the canonical NumPy copy and the framework's copy
+#   gradients    4 P
+#   optimizer    8 P for adam (two moments), 0 for sgd
+#   activations  one step: train slots x 4 (12 H L + 2 E + 3 V) (gates, cell and hidden states
+#                and their gradients per layer, embeddings, logits, softmax and its gradient), or an
+#                eval step's eval slots x 4 (6 H L + E + 2 V), whichever is larger. Train slots are
+#                B x T, or B x the longest sequence (rounded up to pad_multiple) for padded.
+#   layout       13 bytes per slot (x, y int32, mask float32, reset bool) of what is materialized:
+#                packed keeps a whole epoch as [B, W*T] (W*T >= tokens / B + the longest sequence)
+#                plus 9 bytes per token of gathering temporaries; padded and reset_all build one
+#                group of B rows at a time; the eval layout (packed, eval sizes) is held throughout
+#   data         building the corpus (DataSize.load_bytes, from benchmarks.data)
+# Frameworks add their own workspace and caches: the estimate is a floor meant to refuse what
+# cannot fit, not to promise that everything else fits.
+SLOT_BYTES = 13
+GATHER_BYTES = 9
+MEMORY_KEYS = ("model.hidden", "model.embed", "model.layers", "train.batch_size", "train.window",
+               "eval.batch_size", "eval.window", "strategy.pad_multiple")
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-int(n) // int(m)) * int(m)
+
+
+def count_params(embed: int, hidden: int, layers: int, vocab: int = VOCAB) -> int:
+    """Canonical weights of the model (CONTRACT section 3)."""
+    E, H, L, V = int(embed), int(hidden), int(layers), vocab
+    lstm = (E * 4 * H + 4 * H * H + 4 * H) + (L - 1) * (H * 4 * H + 4 * H * H + 4 * H)
+    return V * E + lstm + H * V + V
+
+
+def _packed_slots(tokens: int, longest: int, B: int, T: int) -> int:
+    return B * max(_round_up(-(-int(tokens) // B) + int(longest), T), T)
+
+
+def estimate_memory(cfg: Mapping[str, Any], size: DataSize) -> Dict[str, int]:
+    """Bytes the run described by ``cfg`` needs at its peak, by part (see the model above)."""
+    m, t, e = cfg["model"], cfg["train"], cfg["eval"]
+    E, H, L, V = int(m["embed"]), int(m["hidden"]), int(m["layers"]), VOCAB
+    B, T, eB, eT = int(t["batch_size"]), int(t["window"]), int(e["batch_size"]), int(e["window"])
+    P = count_params(E, H, L)
+    strategy = cfg["strategy"]["name"]
+    if strategy == "padded":
+        step_slots = B * _round_up(size.train_longest, int(cfg["strategy"].get("pad_multiple", 1)))
+        layout = SLOT_BYTES * step_slots
+    elif strategy == "reset_all":
+        step_slots = B * T
+        layout = SLOT_BYTES * B * _round_up(size.train_longest, T)
+    else:
+        step_slots = B * T
+        layout = SLOT_BYTES * _packed_slots(size.train_tokens, size.train_longest, B, T) + \
+            GATHER_BYTES * size.train_tokens
+    layout += SLOT_BYTES * _packed_slots(size.eval_tokens, size.eval_longest, eB, eT)
+    train_act = step_slots * 4 * (12 * H * L + 2 * E + 3 * V)
+    eval_act = eB * eT * 4 * (6 * H * L + E + 2 * V)
+    return {"weights": 8 * P, "gradients": 4 * P, "optimizer": 8 * P if t["optimizer"] == "adam" else 0,
+            "activations": max(train_act, eval_act), "layout": layout, "data": int(size.load_bytes)}
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB`` (three significant digits, binary units)."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+    k = 0
+    while k < len(units) - 1 and n >= 1024 ** (k + 1):
+        k += 1
+    try:
+        return f"{n / 1024 ** k:.3g} {units[k]}"
+    except OverflowError:
+        return f"more than 1e300 {units[k]}"
+
+
+def _defaults() -> Dict[str, int]:
+    """Reference values of the size keys: conf/config.yaml's and padded's pad_multiple."""
+    import yaml
+    with open(os.path.join(registry.CONF_DIR, "config.yaml")) as fh:
+        base = yaml.safe_load(fh)
+    out = {k: _get(base, k) for k in MEMORY_KEYS if not k.startswith("strategy.")}
+    out["strategy.pad_multiple"] = registry.group_config("strategy", "padded").get("pad_multiple", 16)
+    return out
+
+
+def _blame(cfg: Mapping[str, Any], size: DataSize, parts: Mapping[str, int]) -> str:
+    """The key to name in a memory error: the size key whose reset to its default saves the most;
+    where none saves half, the data (``data.path``, or synthetic's count or lengths)."""
+    total = sum(parts.values())
+    best, saved = None, 0
+    for key, default in _defaults().items():
+        try:
+            value = _get(cfg, key)
+        except ConfigError:
+            continue
+        if not _is_int(value) or value <= default:
+            continue
+        section, leaf = key.split(".")
+        trial = {**cfg, section: {**cfg[section], leaf: default}}
+        s = total - sum(estimate_memory(trial, size).values())
+        if s > saved:
+            best, saved = key, s
+    if best is not None and 2 * saved >= total:
+        return best
+    data = cfg["data"]
+    if data["name"] == "textfile":
+        return "data.path"
+    if data["name"] == "synthetic":
+        mean = size.train_tokens / max(size.train_sequences, 1)
+        if int(data["train_sequences"]) / 4000 >= mean / 64:
+            return "data.train_sequences"
+        dist = data["length"]["dist"]
+        return "data.length." + {"fixed": "length", "uniform": "high", "lognormal": "median"}[dist]
+    return best or "model.hidden"
+
+
+def check_memory(cfg: Mapping[str, Any], size: DataSize, available: Optional[int] = None) -> Dict[str, int]:
+    """Raise ConfigError when the run needs more than ``available`` bytes (default: what the
+    machine has available now, ``psutil.virtual_memory().available``). Returns the estimate."""
+    parts = estimate_memory(cfg, size)
+    if available is None:
+        import psutil
+        available = int(psutil.virtual_memory().available)
+    total = sum(parts.values())
+    if total <= available:
+        return parts
+    key = _blame(cfg, size, parts)
+    shown = ", ".join(f"{name} {format_bytes(b)}" for name, b in sorted(parts.items(), key=lambda kv: -kv[1])
+                      if b * 100 >= total)
+    value = _get(cfg, key)
+    raise ConfigError(key, value, f"this config needs about {format_bytes(total)} of memory ({shown}); "
+                      f"{format_bytes(available)} are available")

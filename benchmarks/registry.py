@@ -18,7 +18,9 @@ from backends.base import Backend, ConfigError, ModelSpec, OptimizerSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF_DIR = os.path.join(ROOT, "conf")
-META_KEYS = ("name", "_target_", "requires", "exact_kernels", "baseline_kernels")
+# what describes a config file rather than an option passed to the adapter (``schema``: the option
+# types, checked before the framework is imported, see benchmarks.config.parse_type)
+META_KEYS = ("name", "_target_", "requires", "exact_kernels", "baseline_kernels", "schema")
 
 
 def kernel_options(cfg: Mapping[str, Any]) -> Dict[str, list]:
