@@ -19,9 +19,10 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from backends.cells import cell_spec
+
 VOCAB = 257          # byte ids 0..255 plus the boundary token
 BOUNDARY = 256       # the boundary token id (CONTRACT section 1)
-GATES = ("i", "f", "g", "o")  # gate order of the 4H blocks (CONTRACT section 3)
 
 
 class ConfigError(ValueError):
@@ -35,12 +36,19 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """Sizes of the contract model: embedding V x E, L LSTM layers of width H, head H x V."""
+    """The contract model: embedding V x E, L recurrent layers of cell ``cell`` (a file in
+    ``conf/cell/``) and width H, head H x V."""
 
     embed: int
     hidden: int
     layers: int = 1
     vocab: int = VOCAB
+    cell: str = "lstm"
+
+    @property
+    def state_names(self) -> Tuple[str, ...]:
+        """The cell's state components (``("h", "c")`` for the LSTM); the first is the output."""
+        return cell_spec(self.cell).state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +110,15 @@ class Batch:
 
 # --------------------------------------------------------------------------- canonical weights
 def canonical_shapes(spec: ModelSpec) -> Dict[str, Tuple[int, ...]]:
-    """Key -> shape of every canonical weight array (CONTRACT section 3), in a stable order."""
+    """Key -> shape of every canonical weight array, in a stable order: ``embedding`` [V, E], per
+    layer ``l`` the cell's weights ``<cell>.<l>.<key>`` (``conf/cell/<cell>.yaml``), ``head.w``
+    [H, V], ``head.b`` [V]."""
     E, H, V = spec.embed, spec.hidden, spec.vocab
+    cell = cell_spec(spec.cell)
     shapes: Dict[str, Tuple[int, ...]] = {"embedding": (V, E)}
     for layer in range(spec.layers):
-        shapes[f"lstm.{layer}.w_x"] = (E if layer == 0 else H, 4 * H)
-        shapes[f"lstm.{layer}.w_h"] = (H, 4 * H)
-        shapes[f"lstm.{layer}.b"] = (4 * H,)
+        for key in cell.weights:
+            shapes[f"{cell.name}.{layer}.{key}"] = cell.shape(key, E if layer == 0 else H, H)
     shapes["head.w"] = (H, V)
     shapes["head.b"] = (V,)
     return shapes
@@ -117,19 +127,20 @@ def canonical_shapes(spec: ModelSpec) -> Dict[str, Tuple[int, ...]]:
 def init_weights(spec: ModelSpec, seed: int) -> Dict[str, np.ndarray]:
     """Draw the initial canonical weights once, in NumPy, from ``seed``.
 
-    LSTM and head weights ~ U(-1/sqrt(H), 1/sqrt(H)) as in PyTorch's defaults, LSTM biases zero
-    except the forget gate at 1.0, embedding ~ N(0, 0.1^2). Every backend starts from these.
+    Cell and head weights ~ U(-1/sqrt(H), 1/sqrt(H)) as in PyTorch's defaults, cell biases as the
+    cell file says (LSTM: zero except the forget gate at 1.0), head bias zero, embedding
+    ~ N(0, 0.1^2). Every backend starts from these.
     """
     rng = np.random.default_rng([seed, 20160517])
     H = spec.hidden
+    cell = cell_spec(spec.cell)
     bound = 1.0 / math.sqrt(H)
     weights: Dict[str, np.ndarray] = {}
     for key, shape in canonical_shapes(spec).items():
         if key == "embedding":
             w = rng.normal(0.0, 0.1, size=shape)
-        elif key.endswith(".b") and key.startswith("lstm."):
-            w = np.zeros(shape)
-            w[H:2 * H] = 1.0
+        elif key.startswith(f"{cell.name}.") and key.rsplit(".", 1)[1].startswith("b"):
+            w = cell.bias_init(H)
         elif key == "head.b":
             w = np.zeros(shape)
         else:
@@ -167,8 +178,8 @@ def check_weights(weights: Mapping[str, np.ndarray], spec: ModelSpec,
         if key in shapes:
             continue
         parts = str(key).split(".")
-        if len(parts) == 3 and parts[0] == "lstm" and parts[1].isdigit() and int(parts[1]) >= spec.layers:
-            raise bad(f"key {key!r} is a weight of LSTM layer {parts[1]}, but model.layers={spec.layers} "
+        if len(parts) == 3 and parts[0] == spec.cell and parts[1].isdigit() and int(parts[1]) >= spec.layers:
+            raise bad(f"key {key!r} is a weight of {spec.cell.upper()} layer {parts[1]}, but model.layers={spec.layers} "
                       f"(set model.layers to the file's layer count)")
         raise bad(f"unknown key {key!r} (canonical keys: {', '.join(shapes)})")
     return out
@@ -271,19 +282,20 @@ class Backend(ABC):
 
     # -- state and weights -------------------------------------------------------------------
     @abstractmethod
-    def get_state(self) -> Tuple[np.ndarray, np.ndarray]:
-        """The carried state as NumPy ``(h, c)``, each ``[L, B, H]`` float32."""
+    def get_state(self) -> Tuple[np.ndarray, ...]:
+        """The carried state as NumPy arrays, one per state component of the cell
+        (``spec.state_names``: ``(h, c)`` for the LSTM), each ``[L, B, H]`` float32."""
 
     @abstractmethod
-    def set_state(self, h: np.ndarray, c: np.ndarray) -> None:
-        """Replace the carried state (``[L, B, H]`` each). ``B`` may differ from before."""
+    def set_state(self, *state: np.ndarray) -> None:
+        """Replace the carried state (one ``[L, B, H]`` array per component). ``B`` may differ."""
 
     def reset_state(self, batch_size: Optional[int] = None) -> None:
         """Zero the carried state of every row (optionally for a new row count)."""
         B = self.batch_size if batch_size is None else batch_size
         self.batch_size = B
         z = np.zeros((self.spec.layers, B, self.spec.hidden), np.float32)
-        self.set_state(z, z)
+        self.set_state(*(z for _ in self.spec.state_names))
 
     @abstractmethod
     def get_weights(self) -> Dict[str, np.ndarray]:

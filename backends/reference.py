@@ -141,7 +141,7 @@ def backward(w: Mapping[str, np.ndarray], batch: Batch, cache: Dict[str, Any], p
         p = _layer(w, spec.cell, layer)
         steps = cache["steps"][layer]
         dxp = np.empty((B, T, p["w_h"].shape[1]), dtype)
-        d_state = tuple(np.zeros((B, spec.hidden), dtype) for _ in range(_arity(spec)))
+        d_state = tuple(np.zeros((B, spec.hidden), dtype) for _ in spec.state_names)
         rec: Dict[str, np.ndarray] = {}
         for t in reversed(range(T)):
             d_state = (d_state[0] + dout[:, t],) + d_state[1:]
@@ -156,11 +156,6 @@ def backward(w: Mapping[str, np.ndarray], batch: Batch, cache: Dict[str, Any], p
     np.add.at(demb, batch.x.reshape(-1), dout.reshape(-1, dout.shape[-1]))
     grads["embedding"] = demb
     return {k: grads[k] for k in w}
-
-
-def _arity(spec: ModelSpec) -> int:
-    from backends.cells import cell_spec
-    return len(cell_spec(spec.cell).state)
 
 
 class NumpyOptimizer:

@@ -16,7 +16,8 @@ import os
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from backends.base import VOCAB, ConfigError, ModelSpec, OptimizerSpec
+from backends.base import VOCAB, ConfigError, ModelSpec, OptimizerSpec, canonical_shapes
+from backends.cells import cell_names
 from benchmarks import registry
 from benchmarks.data import DataSize, check_file, check_length_params
 from benchmarks.strategies import STRATEGIES
@@ -169,7 +170,7 @@ def check_schema(prefix: str, options: Mapping[str, Any], schema: Mapping[str, A
 # --------------------------------------------------------------------------- keys
 KNOWN_KEYS = {
     "": {"backend", "strategy", "data", "model", "train", "eval", "device", "experiment", "tune_malloc", "overwrite"},
-    "model": {"embed", "hidden", "layers", "init"},
+    "model": {"embed", "hidden", "layers", "cell", "init"},
     "train": {"batch_size", "window", "steps", "epochs", "time_budget_s", "max_valid_tokens", "warmup_steps", "optimizer",
               "lr", "clip_norm", "seed", "log_every", "progress"},
     "eval": {"batch_size", "window", "every_steps"},
@@ -261,6 +262,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     if _get(cfg, "strategy.name") == "padded":
         positive_int(cfg, "strategy.pad_multiple")
     one_of(cfg, "device", DEVICES)
+    one_of(cfg, "model.cell", cell_names())
     for key in BOOL_KEYS:
         check_type(key, _get(cfg, key), "bool")
     check_kernel(cfg)
@@ -293,7 +295,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
 
 def model_spec(cfg: Mapping[str, Any]) -> ModelSpec:
     m = cfg["model"]
-    return ModelSpec(embed=int(m["embed"]), hidden=int(m["hidden"]), layers=int(m["layers"]))
+    return ModelSpec(embed=int(m["embed"]), hidden=int(m["hidden"]), layers=int(m["layers"]),
+                     cell=str(m.get("cell", "lstm")))
 
 
 def optimizer_spec(cfg: Mapping[str, Any]) -> OptimizerSpec:
@@ -335,11 +338,10 @@ def _round_up(n: int, m: int) -> int:
     return -(-int(n) // int(m)) * int(m)
 
 
-def count_params(embed: int, hidden: int, layers: int, vocab: int = VOCAB) -> int:
-    """Canonical weights of the model (CONTRACT section 3)."""
-    E, H, L, V = int(embed), int(hidden), int(layers), vocab
-    lstm = (E * 4 * H + 4 * H * H + 4 * H) + (L - 1) * (H * 4 * H + 4 * H * H + 4 * H)
-    return V * E + lstm + H * V + V
+def count_params(embed: int, hidden: int, layers: int, vocab: int = VOCAB, cell: str = "lstm") -> int:
+    """Numbers in the model's canonical weights."""
+    shapes = canonical_shapes(ModelSpec(int(embed), int(hidden), int(layers), vocab, cell))
+    return sum(math.prod(s) for s in shapes.values())
 
 
 def _packed_slots(tokens: int, longest: int, B: int, T: int) -> int:
@@ -351,7 +353,7 @@ def estimate_memory(cfg: Mapping[str, Any], size: DataSize) -> Dict[str, int]:
     m, t, e = cfg["model"], cfg["train"], cfg["eval"]
     E, H, L, V = int(m["embed"]), int(m["hidden"]), int(m["layers"]), VOCAB
     B, T, eB, eT = int(t["batch_size"]), int(t["window"]), int(e["batch_size"]), int(e["window"])
-    P = count_params(E, H, L)
+    P = count_params(E, H, L, cell=str(m.get("cell", "lstm")))
     strategy = cfg["strategy"]["name"]
     if strategy == "padded":
         step_slots = B * _round_up(size.train_longest, int(cfg["strategy"].get("pad_multiple", 1)))

@@ -41,7 +41,7 @@ DENSITIES = (0.0, 0.01, 0.03, 0.1, 0.3)
 SHAPES = ((32, 64, 256), (64, 128, 512))     # (B, T, H); the two target shapes
 BIG_MATMUL = 2048
 # left out by default: minutes of compilation per shape (add with --kernels torch:compile)
-DEFAULT_SKIP = {("torch", "compile"), ("torch", "script")}
+DEFAULT_SKIP = {("torch", "compile")}
 
 
 # --------------------------------------------------------------------------- arithmetic

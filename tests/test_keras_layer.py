@@ -47,7 +47,7 @@ def _case(seed: int, B: int = B, T: int = T, resets=((0, 3), (2, 7), (1, 5), (3,
         reset[b, t] = True
     batch = Batch(x, x, np.ones((B, T), np.float32), reset)
     h0, c0 = random_state(seed + 1, SPEC1, B)
-    _, cache, hT, cT = ref.forward(w, batch, h0.astype(np.float64), c0.astype(np.float64), 1)
+    _, cache, (hT, cT) = ref.forward(w, batch, (h0.astype(np.float64), c0.astype(np.float64)), SPEC1)
     inputs = w["embedding"][x].astype(np.float32)
     lw = {k.split(".")[-1]: w[k].astype(np.float32) for k in ("lstm.0.w_x", "lstm.0.w_h", "lstm.0.b")}
     return inputs, reset, lw, (h0[0], c0[0]), (cache["top"], hT[0], cT[0])

@@ -21,13 +21,13 @@ def test_backward_matches_finite_differences(window):
     h, c = h.astype(np.float64), c.astype(np.float64)
     # carry the state of the earlier windows, as training would
     for b in batches[:window]:
-        _, _, h, c = ref.forward(w, b, h, c, SPEC.layers)
+        _, _, (h, c) = ref.forward(w, b, (h, c), SPEC)
     batch = batches[window]
     assert batch.reset[:, 1:].any(), "the batch needs a mid-window reset"
     assert np.abs(h).max() > 0.01, "the batch needs a carried (non-zero) state"
-    logits, cache, _, _ = ref.forward(w, batch, h, c, SPEC.layers)
+    logits, cache, _ = ref.forward(w, batch, (h, c), SPEC)
     _, probs = ref.cross_entropy(logits, batch.y)
-    grads = ref.backward(w, batch, cache, probs, SPEC.layers)
+    grads = ref.backward(w, batch, cache, probs, SPEC)
     rng = np.random.default_rng(window)
     eps = 1e-6
     for key, value in w.items():
@@ -39,9 +39,9 @@ def test_backward_matches_finite_differences(window):
         for i in idx:
             old = flat[i]
             flat[i] = old + eps
-            up = ref.loss_fn(w, batch, h, c, SPEC.layers)
+            up = ref.loss_fn(w, batch, (h, c), SPEC)
             flat[i] = old - eps
-            down = ref.loss_fn(w, batch, h, c, SPEC.layers)
+            down = ref.loss_fn(w, batch, (h, c), SPEC)
             flat[i] = old
             numeric = (up - down) / (2 * eps)
             analytic = grads[key].reshape(-1)[i]
@@ -53,10 +53,10 @@ def test_loss_of_all_padding_batch_is_zero_with_zero_gradient():
     batch = mid_reset_batches(23, B=2, T=4)[0]
     batch.mask[:] = 0
     h = np.zeros((SPEC.layers, 2, SPEC.hidden))
-    logits, cache, _, _ = ref.forward(w, batch, h, h, SPEC.layers)
+    logits, cache, _ = ref.forward(w, batch, (h, h), SPEC)
     ce, probs = ref.cross_entropy(logits, batch.y)
     assert ref.masked_mean(ce, batch.mask) == 0.0
-    assert all(not g.any() for g in ref.backward(w, batch, cache, probs, SPEC.layers).values())
+    assert all(not g.any() for g in ref.backward(w, batch, cache, probs, SPEC).values())
 
 
 def test_cross_entropy_matches_direct_formula():
