@@ -20,18 +20,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from backends.cells import cell_spec
+from resetbench.contract import BOUNDARY, VOCAB, Batch, ConfigError  # noqa: F401  (re-exported)
 
-VOCAB = 257          # byte ids 0..255 plus the boundary token
-BOUNDARY = 256       # the boundary token id (CONTRACT section 1)
-
-
-class ConfigError(ValueError):
-    """A user error: bad config value, bad file. Printed as one line, no traceback."""
-
-    def __init__(self, key: str, value: Any, allowed: str):
-        self.key, self.value, self.allowed = key, value, allowed
-        shown = "null" if value is None else repr(value)
-        super().__init__(f"{key}={shown}: {allowed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,46 +56,6 @@ class OptimizerSpec:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-
-
-# --------------------------------------------------------------------------- the contract batch
-@dataclasses.dataclass
-class Batch:
-    """A contract batch (CONTRACT section 2): what every strategy yields and every backend eats.
-
-    ``x``, ``y``: int32 [B, T] ids; ``mask``: float32 [B, T], 1 where the target counts;
-    ``reset``: bool [B, T], True where the row's state is zeroed before consuming ``x[b, t]``.
-    """
-
-    x: np.ndarray
-    y: np.ndarray
-    mask: np.ndarray
-    reset: np.ndarray
-
-    @property
-    def shape(self) -> Tuple[int, int]:
-        return tuple(self.x.shape)  # type: ignore[return-value]
-
-    @property
-    def valid_tokens(self) -> int:
-        return int(self.mask.sum())
-
-    @property
-    def total_slots(self) -> int:
-        return int(self.x.size)
-
-    def check(self) -> "Batch":
-        """Assert dtypes, shapes and id ranges; returns self. Cheap; used by tests and adapters."""
-        B, T = self.x.shape
-        for name, arr, dtype in (("x", self.x, np.int32), ("y", self.y, np.int32),
-                                 ("mask", self.mask, np.float32), ("reset", self.reset, np.bool_)):
-            if arr.shape != (B, T) or arr.dtype != dtype:
-                raise ValueError(f"batch.{name}: {arr.dtype}{list(arr.shape)}, expected "
-                                 f"{np.dtype(dtype)}[{B}, {T}]")
-        for name, arr in (("x", self.x), ("y", self.y)):
-            if arr.size and (arr.min() < 0 or arr.max() >= VOCAB):
-                raise ValueError(f"batch.{name}: ids outside 0..{VOCAB - 1}")
-        return self
 
 
 # --------------------------------------------------------------------------- canonical weights

@@ -1,6 +1,6 @@
 """``backend=keras``: the contract model on Keras 3 with the TensorFlow backend.
 
-Embedding -> L :class:`backends.keras_layers.ResetLSTM` layers -> Dense head, cross-entropy on the
+Embedding -> L :class:`resetbench.keras_layers.ResetLSTM` layers -> Dense head, cross-entropy on the
 logits. Weights are Keras variables in canonical layout (Keras's LSTM layout and gate order i, f,
 g, o are the contract's), so import and export are copies.
 
@@ -131,7 +131,7 @@ def _import_quietly():
 _prepare_environment()
 tf, keras = _import_quietly()
 
-from backends.keras_layers import IMPLEMENTATIONS, ResetLSTM, reset_lstm  # noqa: E402
+from resetbench.keras_layers import IMPLEMENTATIONS, ResetLSTM, reset_lstm  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")
 _CONFIGURED: Dict[str, Any] = {}

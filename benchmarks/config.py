@@ -20,7 +20,7 @@ from backends.base import VOCAB, ConfigError, ModelSpec, OptimizerSpec, canonica
 from backends.cells import cell_names
 from benchmarks import registry
 from benchmarks.data import DataSize, check_file, check_length_params
-from benchmarks.strategies import STRATEGIES
+from resetbench.layouts import STRATEGIES
 
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adam", "sgd")

@@ -30,7 +30,7 @@ from benchmarks.config import model_spec, optimizer_spec, strategy_options, vali
 from benchmarks.data import Dataset, load_dataset
 from benchmarks.env import CpuMonitor, environment, is_busy, peak_rss_bytes, reset_peak_rss, tune_malloc
 from benchmarks.signals import NO_GUARD, Stopped
-from benchmarks.strategies import Epoch, Layout, eval_batches, make_layout
+from resetbench.layouts import Epoch, Layout, eval_batches, make_layout
 from benchmarks.summary import RunSummary
 from benchmarks.timing import Progress, StepTimer, StopRule
 from benchmarks.writer import RunWriter, WriteError

@@ -305,7 +305,6 @@ def main(argv=None) -> List[dict]:
     print(f"env | {env.get('host_cpu')} x{env.get('host_cores')} | python {env.get('python_version')} | "
           f"numpy {env.get('numpy_version')} | load {os.getloadavg()[0]:.2f}", flush=True)
     rows: List[dict] = []
-    versions: Dict[str, str] = {}
     for b in backends:
         kernels = _kernels_for(b, chosen)
         cmd = [sys.executable, "-m", "benchmarks.kernels", "--worker", b, "--shapes",

@@ -12,7 +12,7 @@ import time
 
 from benchmarks.data import load_kjv
 from benchmarks.env import environment
-from benchmarks.strategies import STRATEGIES, make_layout
+from resetbench.layouts import STRATEGIES, make_layout
 
 
 def main(argv=None) -> None:

@@ -19,7 +19,7 @@ import re
 import shlex
 import subprocess
 import sys
-from typing import Dict, List, Optional, Set
+from typing import Dict, Optional, Set
 
 import pytest
 
@@ -105,12 +105,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtestloop(session):
-    outcome = yield
+    yield
     config = session.config
     children = sorted(getattr(config, "_framework_children", ()))
     if config.getoption("--framework") is not None or not children or config.option.collectonly:
         return
-    if session.testsfailed and config.option.exitfirst:
+    if session.testsfailed and config.getoption("maxfail", 0) == 1:
         return
     config._framework_results = [_run_child(config, g) for g in children]
 

@@ -12,8 +12,8 @@ import pytest
 
 from backends import reference as ref
 from backends.base import Batch, OptimizerSpec, canonical_shapes
-from benchmarks.data import Corpus
-from benchmarks.strategies import Packed
+from resetbench.corpus import Corpus
+from resetbench.layouts import Packed
 from tests.helpers import (TINY, assert_close, backend_variants, make_variant, mid_reset_batches,
                            oracle, random_batch, random_state, tiny_weights)
 

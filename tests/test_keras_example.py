@@ -24,9 +24,9 @@ def test_readme_example_loss_drops():
     import os
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")   # before the first `import keras`
     import keras
-    from backends.keras_layers import ResetLSTM
-    from benchmarks.data import load_synthetic
-    from benchmarks.strategies import Packed
+    from resetbench.corpus import Corpus
+    from resetbench.keras_layers import ResetLSTM
+    from resetbench.layouts import Packed
 
     B, T = 16, 32                                           # 16 streams, windows of 32 steps
     ids = keras.Input(shape=(T,), batch_size=B, dtype="int32")
@@ -38,7 +38,8 @@ def test_readme_example_loss_drops():
     model.compile(optimizer=keras.optimizers.Adam(1e-2),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
-    corpus = load_synthetic(300, 10, seed=0).train          # byte sequences of varied length
+    words = [b"abc", b"hello", b"packed", b"streams", b"of", b"sequences"]   # your data: any bytes
+    corpus = Corpus.from_sequences([b" ".join(words[k:] + words[:k]) * (1 + k % 3) for k in range(300)])
     losses = []
     for batch in Packed(batch_size=B, window=T, seed=0).epoch(corpus):   # consecutive windows
         # batch.reset is True at each sequence's first position, anywhere in the window

@@ -1,4 +1,4 @@
-"""ResetLSTM (backends/keras_layers.py) and the Keras adapter's own choices (backends/keras_lstm.py).
+"""ResetLSTM (resetbench/keras_layers.py) and the Keras adapter's own choices (backends/keras_lstm.py).
 
 The generic checks of ``backend=keras`` against the NumPy oracle live in test_conformance.py; here:
 the layer alone against the oracle (every loop implementation), statefulness per row, weights,
@@ -25,7 +25,7 @@ if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("k
 from backends import keras_lstm  # noqa: E402  (sets KERAS_BACKEND=tensorflow before keras loads)
 from backends import reference as ref  # noqa: E402
 from backends.base import Batch, ConfigError, ModelSpec, OptimizerSpec, init_weights  # noqa: E402
-from backends.keras_layers import ResetLSTM  # noqa: E402
+from resetbench.keras_layers import ResetLSTM  # noqa: E402
 from tests.helpers import (TINY, assert_close, mid_reset_batches, oracle, random_state,  # noqa: E402
                            tiny_weights)
 
@@ -180,7 +180,7 @@ _OTHER_BACKEND = textwrap.dedent(r"""
     os.environ["KERAS_BACKEND"] = sys.argv[2]
     import numpy as np
     import keras
-    from backends.keras_layers import ResetLSTM
+    from resetbench.keras_layers import ResetLSTM
     out = {"backend": keras.backend.backend(), "err": {}}
     d = np.load(sys.argv[3])
     inputs, reset, state0, exp = d["inputs"], d["reset"], (d["h0"], d["c0"]), (d["seq"], d["h"], d["c"])

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from backends.base import BOUNDARY
-from benchmarks.data import Corpus
-from benchmarks.strategies import Packed, Padded, ResetAll, STRATEGIES, balance_streams, epoch_stats, make_layout
+from resetbench.corpus import Corpus
+from resetbench.layouts import Packed, Padded, ResetAll, STRATEGIES, balance_streams, epoch_stats, make_layout
 
 lengths_st = st.lists(st.integers(0, 40), min_size=1, max_size=30)
 B_st = st.integers(1, 6)

@@ -54,7 +54,7 @@ def test_baseline_kernel_names():
 
 
 def test_row_groups_split_off_busy_rows_only_when_it_pays():
-    from backends.torch_lstm import row_groups
+    from resetbench.torch_layers import row_groups
     reset = np.zeros((8, 32), bool)
     assert [g.tolist() for g in row_groups(reset)] == [list(range(8))]          # nothing resets
     reset[3, 1:20] = True                                                      # one busy row

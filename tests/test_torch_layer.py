@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from backends import reference as ref  # noqa: E402
 from backends.base import Batch, ModelSpec  # noqa: E402
-from backends.torch_lstm import ResetLSTM  # noqa: E402
+from resetbench.torch_layers import ResetLSTM  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from backends.base import ModelSpec, OptimizerSpec, init_weights
 from benchmarks import registry
 from benchmarks.data import load_synthetic
-from benchmarks.strategies import make_layout
+from resetbench.layouts import make_layout
 
 SPEC = ModelSpec(embed=16, hidden=32, layers=1)
 STRATEGIES = ("packed", "reset_all", "padded")

@@ -1,4 +1,8 @@
-"""The three layouts (CONTRACT section 2): a corpus epoch -> contract batches. Pure NumPy.
+"""The layouts: a corpus epoch -> contract batches (:class:`resetbench.contract.Batch`). Pure NumPy.
+
+``Packed`` is the packing loader: B streams of whole sequences, windows of T, a reset exactly at
+each sequence start, state carried between windows. ``Padded`` and ``ResetAll`` are what
+frameworks offer instead (docs/spec.md).
 
 A strategy is a data layout, not a code path: ``padded``, ``reset_all`` and ``packed`` all yield
 :class:`backends.base.Batch` and a backend treats them alike. Tokens are gathered with
@@ -15,8 +19,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 import numpy as np
 
-from backends.base import BOUNDARY, Batch, ConfigError
-from benchmarks.data import Corpus
+from resetbench.contract import BOUNDARY, Batch, ConfigError
+from resetbench.corpus import Corpus
 
 STRATEGIES = ("padded", "reset_all", "packed")
 
