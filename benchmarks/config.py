@@ -307,8 +307,8 @@ def optimizer_spec(cfg: Mapping[str, Any]) -> OptimizerSpec:
 
 
 def strategy_options(cfg: Mapping[str, Any]) -> dict:
-    """The strategy group's options (everything but its name)."""
-    return {k: v for k, v in cfg["strategy"].items() if k != "name"}
+    """The strategy group's options (everything but its metadata: name, _target_, guarantees, ...)."""
+    return {k: v for k, v in cfg["strategy"].items() if k not in registry.META_KEYS}
 
 
 # --------------------------------------------------------------------------- memory

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF_DIR = os.path.join(ROOT, "conf")
 # what describes a config file rather than an option passed to the adapter (``schema``: the option
 # types, checked before the framework is imported, see benchmarks.config.parse_type)
-META_KEYS = ("name", "_target_", "requires", "exact_kernels", "baseline_kernels", "schema")
+META_KEYS = ("name", "_target_", "requires", "exact_kernels", "baseline_kernels", "schema", "guarantees")
 
 
 def kernel_options(cfg: Mapping[str, Any]) -> Dict[str, list]:

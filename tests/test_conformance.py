@@ -188,3 +188,23 @@ def test_oracle_float32_matches_float64():
         assert_close(la, lb, "loss")
         for k in gb:
             assert_close(ga[k], gb[k], f"grad {k}")
+
+
+def test_a_reset_clears_a_nan_state(name):
+    """The reset selects the zero state, it does not multiply by 0: a NaN carried state is gone
+    after the row's reset, mid-window (row 0, column 6) and at column 0 (row 1); rows without a
+    NaN stay finite everywhere. Row 0 before its reset shows the NaN, so the check can fail."""
+    be, orc = _pair(name)
+    h0, c0 = random_state(17, TINY, B)
+    for state in (h0, c0):
+        state[:, :2] = np.nan                       # rows 0 and 1 carry NaN in every layer
+    batch = random_batch(np.random.default_rng(18), B, T, resets=[(0, 6), (1, 0), (2, 4)])
+    for target in (be, orc):
+        target.set_state(h0, c0)
+    logits, expected = be.forward(batch), orc.forward(batch)
+    assert not np.isfinite(logits[0, :6]).all(), "row 0 must be poisoned before its reset"
+    assert np.isfinite(logits[0, 6:]).all(), "a NaN state crossed a mid-window reset"
+    assert np.isfinite(logits[1:]).all(), "a NaN state crossed a reset at column 0"
+    assert_close(logits[0, 6:], expected[0, 6:], "row 0 after its reset")
+    assert_close(logits[1:], expected[1:], "rows 1-3")
+    assert all(np.isfinite(s).all() for s in be.get_state())
