@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.resetbench-installed
 EXTRAS ?= all,dev
 ARGS   ?=
 
-.PHONY: setup bench test plots tables kernels clean-venv
+.PHONY: setup bench test plots tables kernels exercise clean-venv
 
 setup: $(STAMP)
 
@@ -38,3 +38,8 @@ tables: $(STAMP)
 # (results/tables/kernels.csv, matmul.csv, results/figures/kernels.png; ~15 min on 2 CPU cores)
 kernels: $(STAMP)
 	$(PY) -m benchmarks.kernels $(ARGS)
+
+# the README's "Adding a backend" guide done in a scratch clone (a backend = one module + one yaml);
+# ARGS=--full runs the whole test suite there
+exercise: $(STAMP)
+	$(PY) -m tests.add_backend_exercise $(ARGS)

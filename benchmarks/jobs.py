@@ -151,7 +151,7 @@ def _finalize(cfg: Mapping[str, Any], out_dir: str, code: int, forwarded: Option
         write_summary(out_dir, summary)
     except WriteError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-    if died:
+    if died and code > 128:       # a worker that exits by itself has printed its own line
         print(f"{'error' if forwarded is None else summary.status}: {summary.error}; files kept in {out_dir}",
               file=sys.stderr, flush=True)
     return summary.status
