@@ -173,7 +173,7 @@ KNOWN_KEYS = {
     "model": {"embed", "hidden", "layers", "cell", "init"},
     "train": {"batch_size", "window", "steps", "epochs", "time_budget_s", "max_valid_tokens", "warmup_steps", "optimizer",
               "lr", "clip_norm", "seed", "log_every", "progress"},
-    "eval": {"batch_size", "window", "every_steps"},
+    "eval": {"batch_size", "window", "every_steps", "targets"},
 }
 BOOL_KEYS = ("tune_malloc", "overwrite", "train.progress")
 
@@ -280,6 +280,11 @@ def validate(cfg: Mapping[str, Any]) -> None:
                           "train.max_valid_tokens (all are null, so training would never stop)")
     positive_int(cfg, "train.warmup_steps", minimum=0)
     positive_int(cfg, "eval.every_steps", allow_none=True)
+    targets = cfg["eval"].get("targets") or []
+    if not isinstance(targets, list) or not all(isinstance(t, numbers.Real) and not isinstance(t, bool) and t > 0
+                                                for t in targets):
+        raise ConfigError("eval.targets", targets, "must be a list of positive eval losses (nats per token), "
+                          "e.g. [2.0,1.8]")
     one_of(cfg, "train.optimizer", OPTIMIZERS)
     positive_float(cfg, "train.lr")
     positive_float(cfg, "train.clip_norm", allow_none=True)

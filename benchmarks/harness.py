@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from benchmarks.env import CpuMonitor, environment, is_busy, peak_rss_bytes, res
 from benchmarks.signals import NO_GUARD, Stopped
 from resetbench.layouts import Epoch, Layout, eval_batches, make_layout
 from benchmarks.summary import RunSummary
+from benchmarks.targets import AXES, time_to_targets
 from benchmarks.timing import Progress, StepTimer, StopRule
 from benchmarks.writer import RunWriter, WriteError
 
@@ -64,6 +65,40 @@ class Setup:
                    make_layout(cfg["strategy"]["name"], B, T, seed, **strategy_options(cfg)),
                    load_weights(init, spec) if init else init_weights(spec, seed),
                    eval_batches(dataset.eval, int(cfg["eval"]["batch_size"]), int(cfg["eval"]["window"])), B, T)
+
+
+class Evaluator:
+    """Evaluations during and after training: each one off the training clock, written to
+    ``evals.csv``, kept in ``history`` for the time-to-target fields of the summary."""
+
+    def __init__(self, backend: Backend, batches: Epoch, timer: StepTimer, writer: RunWriter, summary: RunSummary):
+        self.backend, self.batches, self.timer, self.writer, self.summary = backend, batches, timer, writer, summary
+        self.history: List[Dict[str, float]] = []
+
+    def __call__(self, p: Progress, guard: Any) -> Tuple[float, int]:
+        with self.timer.excluded() as dt:
+            loss, count = evaluate(self.backend, self.batches)
+        self.summary.eval_time_s += dt[0]
+        train_s = self.timer.elapsed()
+        self.history.append({"train_s": train_s, "tokens": p.valid, "steps": p.step, "eval_loss": loss,
+                             "eval_tokens": count})
+        with guard.critical():
+            self.writer.eval((p.step, p.valid, f"{train_s:.6f}", f"{loss:.6f}", count, f"{dt[0]:.4f}"))
+        return loss, count
+
+    def final(self, p: Progress, guard: Any) -> Tuple[float, int]:
+        """The evaluation after training (the periodic one of the last step, if there was one)."""
+        if self.history and self.history[-1]["steps"] == p.step:
+            last = self.history[-1]
+            return last["eval_loss"], last["eval_tokens"]
+        return self(p, guard)
+
+    def targets(self, targets) -> Dict[str, Optional[float]]:
+        """``ttt_<axis>@<target>`` summary fields: where the eval loss first reached each target."""
+        out: Dict[str, Optional[float]] = {}
+        for t, hit in time_to_targets(self.history, targets).items():
+            out.update({f"ttt_{a}@{t}": (hit or {}).get(a) for a in AXES})
+        return out
 
 
 def evaluate(backend: Backend, batches: Epoch) -> Tuple[float, int]:
@@ -108,14 +143,13 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
                        **{f"{k}_version": v for k, v in backend.versions().items()})
         echo(_header(summary, setup))
         timer = StepTimer(backend, int(cfg["train"]["warmup_steps"]))
-        reason = train(cfg, setup, backend, timer, writer, summary, monitor, progress, guard, echo)
-        with timer.excluded() as eval_time:
-            eval_loss, eval_tokens = evaluate(backend, setup.eval_epoch)
-        writer.eval((progress.step, progress.valid, f"{timer.elapsed():.6f}", f"{eval_loss:.6f}", eval_tokens,
-                     f"{eval_time[0]:.4f}"))
-        summary.eval_time_s += eval_time[0]
+        evaluator = Evaluator(backend, setup.eval_epoch, timer, writer, summary)
+        reason = train(cfg, setup, backend, timer, writer, summary, monitor, progress, guard, evaluator)
+        eval_loss, eval_tokens = evaluator.final(progress, guard)
         _fill(summary, progress, timer, backend, "completed", reason)
-        summary.update(eval_loss=eval_loss, eval_tokens=eval_tokens, eval_bits_per_byte=eval_loss / math.log(2))
+        summary.update(eval_loss=eval_loss, eval_tokens=eval_tokens, eval_bits_per_byte=eval_loss / math.log(2),
+                       targets=list(cfg["eval"].get("targets") or []),
+                       **evaluator.targets(cfg["eval"].get("targets") or []))
         with guard.critical():
             writer.weights(backend.get_weights())
             writer.summary(summary)
@@ -130,8 +164,9 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
 
 
 def train(cfg: Mapping[str, Any], setup: Setup, backend: Backend, timer: StepTimer, writer: RunWriter,
-          summary: RunSummary, monitor: CpuMonitor, p: Progress, guard: Any, echo: Callable[[str], None]) -> str:
-    """The training loop: epochs of the layout until the stop rule says why it stopped."""
+          summary: RunSummary, monitor: CpuMonitor, p: Progress, guard: Any, evaluate_now: "Evaluator") -> str:
+    """The training loop: epochs of the layout until the stop rule says why it stopped. With
+    periodic evaluations, one also runs before the first step (the start of every loss curve)."""
     t, e = cfg["train"], cfg["eval"]
     rule, eval_every, log_every = StopRule.from_config(t), e.get("every_steps"), int(t["log_every"])
     bar = _Progress(bool(t.get("progress", True)), rule.total_steps)
@@ -139,6 +174,8 @@ def train(cfg: Mapping[str, Any], setup: Setup, backend: Backend, timer: StepTim
         timer.compile([], [(int(e["batch_size"]), int(e["window"]))])
     summary.other_cpu_before = monitor.since_mark()
     timer.start()
+    if eval_every and rule.total_steps != 0:
+        evaluate_now(p, guard)
     try:
         while (reason := rule.before_epoch(p)) is None:
             for batch in setup.layout.epoch(setup.dataset.train, p.epoch):
@@ -154,12 +191,7 @@ def train(cfg: Mapping[str, Any], setup: Setup, backend: Backend, timer: StepTim
                     raise Diverged(f"training loss became {loss} at step {p.step}; lower train.lr or set "
                                    f"train.clip_norm")
                 if eval_every and p.step % int(eval_every) == 0:
-                    with timer.excluded() as dt_eval:
-                        loss_e, count = evaluate(backend, setup.eval_epoch)
-                    summary.eval_time_s += dt_eval[0]
-                    with guard.critical():
-                        writer.eval((p.step, p.valid, f"{timer.elapsed():.6f}", f"{loss_e:.6f}", count,
-                                     f"{dt_eval[0]:.4f}"))
+                    evaluate_now(p, guard)
                 if p.step % log_every == 0:
                     bar.update(log_every, loss=f"{loss:.3f}", tok_s=f"{timer.rate():,.0f}")
                     _fill(summary, p, timer, backend, "running")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
@@ -97,6 +97,7 @@ class RunSummary:
     eval_tokens: Optional[int] = None
     eval_bits_per_byte: Optional[float] = None
     eval_time_s: Optional[float] = None
+    targets: Optional[List[float]] = None    # eval.targets; ``ttt_<axis>@<target>`` extras say when each was reached
     # -- the composed config, and extras (``*_version``, data statistics) ---------------------------
     config: Dict[str, Any] = dataclasses.field(default_factory=dict)
     extras: Dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -137,9 +137,9 @@ def test_stop_signal_leaves_valid_files(tmp_path, phase, sig):
     assert (s["status"], s["exit_code"]) == (status, 128 + sig)
     rows = steps_rows(out)
     assert s["steps"] == len(rows) and s["valid_tokens"] == sum(int(r["valid_tokens"]) for r in rows)
-    if phase.endswith("eval"):                    # stopped inside the evaluation: it left no row
+    if phase.endswith("eval"):                    # stopped inside the evaluation at step 3: it left no row
         with open(out / "evals.csv") as fh:
-            assert [r["step"] for r in csv.DictReader(fh)] == [], "the signal came after the evaluation"
+            assert "3" not in [r["step"] for r in csv.DictReader(fh)], "the signal came after the evaluation"
         assert s["steps"] == 3
     if phase == "warm-up":
         assert {r["timed"] for r in rows} == {"0"}
