@@ -15,14 +15,14 @@ Every epoch visits every training sequence exactly once, in an order drawn from
 from __future__ import annotations
 
 import heapq
-from typing import Any, Dict, Iterator, List, Mapping, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from resetbench.contract import BOUNDARY, Batch, ConfigError
 from resetbench.corpus import Corpus
 
-STRATEGIES = ("padded", "reset_all", "packed")
+STRATEGIES = ("padded", "reset_all", "packed", "bucketed")
 
 
 def _round_up(n: int, m: int) -> int:
@@ -209,7 +209,89 @@ class Packed(Layout):
         return Epoch([(self.B, T)] * n, make)
 
 
-LAYOUTS = {cls.name: cls for cls in (Padded, ResetAll, Packed)}
+def token_batches(ids: np.ndarray, positions: np.ndarray, batch_size: int, pad_multiple: int,
+                  max_tokens: Optional[int] = None, row_multiple: int = 1) -> List[Tuple[np.ndarray, int, int]]:
+    """Cut the sequences ``ids`` (in this order) into padded batches: ``(ids, rows, width)``.
+
+    Without ``max_tokens``: ``batch_size`` sequences per batch, ``rows = batch_size``. With it
+    (fairseq's ``--max-tokens``): as many sequences as fit ``rows x width <= max_tokens``, where
+    ``width`` is the longest rounded up to ``pad_multiple`` and ``rows`` is a multiple of
+    ``row_multiple`` (empty rows pad a batch up to it). Each width then has one row count, so
+    compiling backends see few batch shapes."""
+    P = positions[ids]
+    out: List[Tuple[np.ndarray, int, int]] = []
+    start, n = 0, len(ids)
+    while start < n:
+        if max_tokens is None:
+            end = min(start + batch_size, n)
+            out.append((ids[start:end], batch_size, _round_up(P[start:end].max(), pad_multiple)))
+            start = end
+            continue
+        end, width = start + 1, _round_up(P[start], pad_multiple)
+        while end < n:
+            w = max(width, _round_up(P[end], pad_multiple))
+            if _rows_for(w, max_tokens, row_multiple) < end + 1 - start:
+                break
+            end, width = end + 1, w
+        rows = _rows_for(width, max_tokens, row_multiple)
+        end = min(end, start + rows)
+        out.append((ids[start:end], rows, width))
+        start = end
+    return out
+
+
+def _rows_for(width: int, max_tokens: int, row_multiple: int) -> int:
+    """Rows of a batch of this width under ``max_tokens``: a multiple of ``row_multiple`` (at least one)."""
+    return max(row_multiple, (max_tokens // width) // row_multiple * row_multiple)
+
+
+class Bucketed(Layout):
+    """Length bucketing, what practitioners use instead of packing (torchtext's BucketIterator,
+    tf.data's ``bucket_by_sequence_length``, fairseq's batching): padded batches of sequences of
+    similar length. The epoch's random order is cut into pools of ``pool_batches x B`` sequences;
+    each pool is sorted by length and cut into batches; the epoch's batches are then shuffled.
+    Each batch is padded to its longest (rounded up to ``pad_multiple``), ``reset[:, 0] = True``,
+    full backpropagation through each sequence. ``max_tokens`` bounds rows x padded length per
+    batch instead of B rows (:func:`token_batches`)."""
+
+    name = "bucketed"
+
+    def __init__(self, batch_size: int, window: int, seed: int = 0, pool_batches: int = 100,
+                 pad_multiple: int = 16, max_tokens: Optional[int] = None, row_multiple: int = 1):
+        super().__init__(batch_size, window, seed)
+        for key, val in (("pool_batches", pool_batches), ("pad_multiple", pad_multiple), ("row_multiple", row_multiple)):
+            if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < 1:
+                raise ConfigError(f"strategy.{key}", val, "must be a positive integer")
+        if max_tokens is not None and (not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool)
+                                       or max_tokens < 1):
+            raise ConfigError("strategy.max_tokens", max_tokens, "must be a positive integer or null")
+        self.pool_batches, self.pad_multiple = int(pool_batches), int(pad_multiple)
+        self.max_tokens, self.row_multiple = max_tokens, int(row_multiple)
+
+    def batches(self, corpus: Corpus, epoch: int) -> List[Tuple[np.ndarray, int, int]]:
+        """The epoch's batches as ``(sequence ids, rows, width)``, in training order."""
+        order, P = self.order(corpus, epoch), corpus.positions
+        pool = self.pool_batches * self.B
+        out: List[Tuple[np.ndarray, int, int]] = []
+        for start in range(0, len(order), pool):
+            ids = order[start:start + pool]
+            ids = ids[np.argsort(P[ids], kind="stable")]
+            out += token_batches(ids, P, self.B, self.pad_multiple, self.max_tokens, self.row_multiple)
+        shuffle = np.random.default_rng([self.seed, epoch, 1]).permutation(len(out))
+        return [out[k] for k in shuffle]
+
+    def epoch(self, corpus: Corpus, epoch: int = 0) -> Epoch:
+        batches = self.batches(corpus, epoch)
+
+        def make() -> Iterator[Batch]:
+            for ids, rows, width in batches:
+                g = _rows_of(corpus, ids, rows, width)
+                g["reset"][:, 0] = True
+                yield _batch(g)
+        return Epoch([(rows, width) for _, rows, width in batches], make)
+
+
+LAYOUTS = {cls.name: cls for cls in (Padded, ResetAll, Packed, Bucketed)}
 
 
 def make_layout(name: str, batch_size: int, window: int, seed: int = 0, **options: Any) -> Layout:

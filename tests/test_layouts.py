@@ -165,4 +165,4 @@ def test_bad_sizes_are_config_errors():
     with pytest.raises(ConfigError, match="train.window"):
         ResetAll(2, -1)
     with pytest.raises(ConfigError, match="strategy"):
-        make_layout("bucketed", 2, 2)
+        make_layout("no_such_layout", 2, 2)
