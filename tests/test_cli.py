@@ -129,7 +129,7 @@ BAD = [
     (["train.optimizer=rmsprop"], "allowed: adam, sgd"),
     (["device=tpu"], "allowed: auto, cpu, cuda"),
     (["backend=mxnet"], "backend='mxnet'"),
-    (["strategy=bucketed"], "strategy='bucketed'"),
+    (["strategy=sorted"], "strategy='sorted'"),
     (["data=imagenet"], "data='imagenet'"),
     (["train.foo=1"], "train.foo"),
     (["+model.dropout=0.1"], "model.dropout"),
