@@ -182,6 +182,7 @@ def train(cfg: Mapping[str, Any], setup: Setup, backend: Backend, timer: StepTim
                 if (reason := rule.before_step(p, timer.elapsed())) is not None:
                     return reason
                 with guard.critical():                     # a step and its row: all or nothing
+                    _fit_rows(backend, batch)
                     loss, dt, timed = timer.step(batch)
                     writer.step((p.step + 1, p.epoch, f"{loss:.6f}", batch.valid_tokens, batch.total_slots,
                                  f"{dt:.6f}", f"{timer.elapsed():.6f}", int(timed)))
@@ -203,6 +204,17 @@ def train(cfg: Mapping[str, Any], setup: Setup, backend: Backend, timer: StepTim
     finally:
         bar.close()
         summary.other_cpu_during = monitor.since_mark()
+
+
+def _fit_rows(backend: Backend, batch: Any) -> None:
+    """Batches of a varying row count (``max_tokens``) start every row from zero: give the backend
+    a zero state of that many rows. Anything else must keep the row count (rows are streams)."""
+    rows = batch.x.shape[0]
+    if rows != backend.batch_size:
+        if not batch.reset[:, 0].all():
+            raise ValueError(f"a batch of {rows} rows follows one of {backend.batch_size} without resetting every "
+                             f"row: rows carry state, so a layout may change their count only at a full reset")
+        backend.reset_state(rows)
 
 
 def _finish_after(exc: BaseException, summary: RunSummary, p: Progress, timer: Optional[StepTimer],
