@@ -29,3 +29,15 @@ def test_nan_evaluations_never_reach_and_names_are_stable():
     assert reach(nan, 2.5) == {"train_s": 20.0, "tokens": 2000.0, "steps": 20.0}   # no bridge over NaN
     assert list(time_to_targets(EVALS, [2.0, 1.5])) == ["2", "1.5"]
     assert columns([2.0]) == ["ttt_train_s@2", "ttt_tokens@2", "ttt_steps@2"]
+
+
+def test_summary_over_seeds_is_median_and_a_t_interval():
+    import math
+
+    from benchmarks.stats import summarize
+    s = summarize([1.0, 2.0, 3.0, None])
+    assert (s["n"], s["missing"], s["median"], s["mean"]) == (3, 1, 2.0, 2.0)
+    half = 4.302652729911275 * 1.0 / math.sqrt(3)         # t(0.975, 2) x sd / sqrt(n)
+    assert s["ci_lo"] == pytest.approx(2.0 - half) and s["ci_hi"] == pytest.approx(2.0 + half)
+    one = summarize([5.0])
+    assert one["median"] == 5.0 and math.isnan(one["ci_lo"])
