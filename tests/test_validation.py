@@ -128,11 +128,11 @@ CASES = [
      "job 1 (backend=torch train.lr=-1): train.lr=-1: must be a positive number"),
     ("sweep.experiment", ["-m", "+experiment=compare_debug", "train.seed=0,7", "train.lr=-1",
                           "hydra.sweep.dir={tmp}/sweep"],
-     "job 0 (backend=torch strategy=padded train.seed=0 +experiment=compare_debug train.lr=-1): "
+     "job 0 (backend=jax strategy=packed train.seed=0 +experiment=compare_debug train.lr=-1): "
      "train.lr=-1: must be a positive number"),
     ("sweep.keras", ["-m", "+experiment=compare_debug", "backend=keras", "backend.jit_compile=maybe",
                      "hydra.sweep.dir={tmp}/sweep"],
-     "job 0 (backend=keras strategy=padded train.seed=0 +experiment=compare_debug backend.jit_compile=maybe): "
+     "job 0 (backend=keras strategy=packed train.seed=0 +experiment=compare_debug backend.jit_compile=maybe): "
      "backend.jit_compile='maybe': allowed: auto, true, false"),
     ("sweep.compose", ["-m", "backend=torch,jax", "backend.threads=2", "hydra.sweep.dir={tmp}/sweep"],
      "job 1 (backend=jax backend.threads=2): backend.threads=2: Key 'threads' is not in struct"),
