@@ -48,6 +48,8 @@ def _check_group_values(args: Sequence[str]) -> None:
             continue
         key, value = arg.split("=", 1)
         key = key.lstrip("+~")
+        if "(" in value:    # a sweep function (glob(*), choice(...)): compose_jobs expands and checks it
+            continue
         if key in GROUPS and os.path.isdir(os.path.join(registry.CONF_DIR, key)):
             allowed = registry.group_options(key)
             for v in value.split(","):
@@ -273,21 +275,18 @@ class Checker:
         return self.available
 
     def data_size(self, data: Dict[str, Any]) -> Any:
+        """The data source's size (``size()``: a source that reads files to size itself, such as
+        a text file, catches empty files here); first, each file it reads must fit in memory."""
         from benchmarks.config import format_bytes
-        from benchmarks.data import LOAD_BYTES_PER_TOKEN, data_size, load_dataset
         key = json.dumps(data, sort_keys=True, default=str)
         if key not in self._sizes:
-            dataset = None
-            if data["name"] == "textfile":   # read it: catches empty files, sizes it exactly
-                paths = [("data.path", data["path"])] + ([("data.eval_path", data["eval_path"])]
-                                                         if data.get("eval_path") else [])
-                for k, path in paths:
-                    need = LOAD_BYTES_PER_TOKEN["textfile"] * os.path.getsize(path)
-                    if need > self.memory_available():
-                        raise ConfigError(k, path, f"reading this file needs about {format_bytes(need)} of "
-                                          f"memory; {format_bytes(self.memory_available())} are available")
-                dataset = load_dataset(data)
-            self._sizes[key] = data_size(data, dataset)
+            source = registry.build_dataset(data)
+            for k, path in source.files():
+                need = source.load_bytes_per_token * os.path.getsize(path)
+                if need > self.memory_available():
+                    raise ConfigError(k, path, f"reading this file needs about {format_bytes(need)} of "
+                                      f"memory; {format_bytes(self.memory_available())} are available")
+            self._sizes[key] = source.size()
         return self._sizes[key]
 
     def check(self, plain: Dict[str, Any]) -> None:

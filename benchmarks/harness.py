@@ -26,11 +26,11 @@ import numpy as np
 
 from backends.base import Backend, ModelSpec, OptimizerSpec, init_weights, load_weights
 from benchmarks import registry, rundir
-from benchmarks.config import model_spec, optimizer_spec, strategy_options, validate
+from benchmarks.config import model_spec, optimizer_spec, validate
 from benchmarks.data import Dataset, load_dataset
 from benchmarks.env import CpuMonitor, environment, is_busy, peak_rss_bytes, reset_peak_rss, tune_malloc
 from benchmarks.signals import NO_GUARD, Stopped
-from resetbench.layouts import Epoch, Layout, eval_batches, make_layout
+from resetbench.layouts import Epoch, Layout, eval_batches
 from benchmarks.summary import RunSummary
 from benchmarks.targets import AXES, time_to_targets
 from benchmarks.timing import Progress, StepTimer, StopRule
@@ -62,7 +62,7 @@ class Setup:
         B, T = int(t["batch_size"]), int(t["window"])
         init = cfg["model"].get("init")
         return cls(spec, optimizer_spec(cfg), dataset,
-                   make_layout(cfg["strategy"]["name"], B, T, seed, **strategy_options(cfg)),
+                   registry.build_layout(cfg["strategy"], B, T, seed),
                    load_weights(init, spec) if init else init_weights(spec, seed),
                    eval_batches(dataset.eval, int(cfg["eval"]["batch_size"]), int(cfg["eval"]["window"])), B, T)
 

@@ -1,22 +1,33 @@
 """Layout speed: ``python -m benchmarks.layout_speed [--data kjv] [--batch 32 --window 64]``.
 
-Times building a whole epoch of each layout on KJV (and iterating all its batches), median of
+Times building a whole epoch of each layout (every file of conf/strategy/, with its options) on a
+data source of conf/data/ with its default options (and iterating all its batches), median of
 several repeats, after printing the environment. A benchmark, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
-from benchmarks.data import load_kjv
+import yaml
+
+from benchmarks import registry
 from benchmarks.env import environment
-from resetbench.layouts import STRATEGIES, make_layout
+
+
+def default_choice(group: str) -> str:
+    """The option of ``group`` that conf/config.yaml's defaults list picks."""
+    with open(os.path.join(registry.CONF_DIR, "config.yaml")) as fh:
+        defaults = yaml.safe_load(fh)["defaults"]
+    return next(d[group] for d in defaults if isinstance(d, dict) and group in d)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=default_choice("data"), choices=registry.group_options("data"))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
@@ -24,12 +35,11 @@ def main(argv=None) -> None:
     env = environment()
     print(f"env | {env['host_cpu']} x{env['host_cores']} | python {env['python_version']} | numpy {env['numpy_version']}")
     t0 = time.perf_counter()
-    ds = load_kjv()
-    print(f"load kjv: {time.perf_counter() - t0:.2f} s ({len(ds.train)} train sequences, "
+    ds = registry.build_dataset(registry.group_config("data", args.data)).load()
+    print(f"load {args.data}: {time.perf_counter() - t0:.2f} s ({len(ds.train)} train sequences, "
           f"{int(ds.train.positions.sum()):,} tokens)")
-    for name in STRATEGIES:
-        opts = {"pad_multiple": 16} if name == "padded" else {}
-        layout = make_layout(name, args.batch, args.window, 0, **opts)
+    for name in registry.group_options("strategy"):
+        layout = registry.build_layout(registry.group_config("strategy", name), args.batch, args.window, 0)
         build, full = [], []
         for rep in range(args.repeats):
             t0 = time.perf_counter()

@@ -9,6 +9,10 @@ which the command line turns into a note. Experiments are picked by the ``experi
     python -m benchmarks.plots [--tables results/tables] [--out results/figures] [--suffix _debug]
 
 rebuilds every figure, plus ``summary.csv`` / ``summary.md`` (:func:`summary_table`).
+
+Backends and strategies are those of ``conf/`` (plus any other name a table holds), in sorted
+order; each gets its color (strategies) or marker (backends) from a fixed palette by its place in
+that order, so a new backend or strategy is drawn without a change here.
 """
 
 from __future__ import annotations
@@ -25,10 +29,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-STRATEGIES = ("padded", "reset_all", "packed", "peer")   # peer: backend.kernel=peer on padded batches
-BACKENDS = ("torch", "jax", "keras", "numpy")
-COLORS = {"padded": "#d62728", "reset_all": "#ff7f0e", "packed": "#2ca02c", "peer": "#9467bd"}
-MARKERS = {"torch": "o", "jax": "s", "keras": "^", "numpy": "x"}
+from benchmarks import registry  # noqa: E402
+
+PEER = "peer"   # the pseudo-strategy of runs of a framework's own variable-length baseline (see select)
+# by sorted name: packed, padded, peer, reset_all keep their colors (then the rest of tab10), and
+# jax, keras, numpy, torch their markers; names past the end of a palette cycle through it
+STRATEGY_COLORS = ("#2ca02c", "#d62728", "#9467bd", "#ff7f0e", "#1f77b4", "#8c564b", "#e377c2", "#7f7f7f",
+                   "#bcbd22", "#17becf")
+BACKEND_MARKERS = ("s", "^", "x", "o", "D", "v", "P", "*", "<", ">")
 TABLES = ("runs", "steps", "evals", "lengths", "kernels", "matmul")
 
 
@@ -90,6 +98,31 @@ def _need(df: pd.DataFrame, what: str, columns: Sequence[str] = ()) -> pd.DataFr
     return df
 
 
+def strategy_names() -> List[str]:
+    """The strategies of conf/strategy/ and the :data:`PEER` pseudo-strategy, sorted."""
+    return sorted(set(registry.group_options("strategy")) | {PEER})
+
+
+def backend_names() -> List[str]:
+    """The backends of conf/backend/, sorted."""
+    return registry.group_options("backend")
+
+
+def _palette(known: Sequence[str], palette: Sequence[str]) -> Dict[str, str]:
+    """Name -> palette entry by sorted place among ``known``."""
+    return {name: palette[i % len(palette)] for i, name in enumerate(sorted(known))}
+
+
+def strategy_color(strategy: str) -> str:
+    """A strategy's color (the same in every figure)."""
+    return _palette(strategy_names(), STRATEGY_COLORS).get(str(strategy), "grey")
+
+
+def backend_marker(backend: str) -> str:
+    """A backend's marker (the same in every figure)."""
+    return _palette(backend_names(), BACKEND_MARKERS).get(str(backend), "o")
+
+
 def _ordered(values, order: Sequence[str]) -> List[str]:
     present = [str(v) for v in pd.unique(pd.Series(values).dropna())]
     return [v for v in order if v in present] + sorted(v for v in present if v not in order)
@@ -114,7 +147,7 @@ def plot_throughput(runs: pd.DataFrame, path: str, experiment: Optional[str] = "
     """Valid tokens/s by backend (groups) x strategy (bars): median over seeds, one point per run."""
     df = _need(select(runs, experiment), f"throughput ({experiment})",
                ["backend", "strategy", "valid_tokens_per_s"])
-    backends, strategies = _ordered(df["backend"], BACKENDS), _ordered(df["strategy"], STRATEGIES)
+    backends, strategies = _ordered(df["backend"], backend_names()), _ordered(df["strategy"], strategy_names())
     width = 0.8 / len(strategies)
     fig, ax = plt.subplots(figsize=(1.6 + 2.2 * len(backends), 4))
     labelled = set()
@@ -124,7 +157,7 @@ def plot_throughput(runs: pd.DataFrame, path: str, experiment: Optional[str] = "
             if not len(vals):
                 continue
             x = i + (j - (len(strategies) - 1) / 2) * width
-            ax.bar(x, vals.median(), width * 0.9, color=COLORS.get(s, "grey"), alpha=0.75,
+            ax.bar(x, vals.median(), width * 0.9, color=strategy_color(s), alpha=0.75,
                    label=None if s in labelled else s)
             labelled.add(s)
             jitter = np.linspace(-width * 0.2, width * 0.2, len(vals)) if len(vals) > 1 else [0.0]
@@ -144,11 +177,11 @@ def plot_throughput(runs: pd.DataFrame, path: str, experiment: Optional[str] = "
 def plot_padding(runs: pd.DataFrame, path: str, experiment: Optional[str] = "compare") -> str:
     """Fraction of the B x T slots that are padding, by strategy (mean over runs, dots: runs)."""
     df = _need(select(runs, experiment), f"padding ({experiment})", ["strategy", "pad_fraction"])
-    strategies = _ordered(df["strategy"], STRATEGIES)
+    strategies = _ordered(df["strategy"], strategy_names())
     fig, ax = plt.subplots(figsize=(1.5 + 1.5 * len(strategies), 3.6))
     for i, s in enumerate(strategies):
         vals = df[df["strategy"] == s]["pad_fraction"].astype(float)
-        ax.bar(i, vals.mean(), 0.6, color=COLORS.get(s, "grey"), alpha=0.75)
+        ax.bar(i, vals.mean(), 0.6, color=strategy_color(s), alpha=0.75)
         ax.scatter(np.full(len(vals), i), vals, color="black", s=10, zorder=3)
         ax.annotate(f"{vals.mean():.1%}", (i, vals.mean()), ha="center", va="bottom",
                     xytext=(0, 3), textcoords="offset points")
@@ -171,15 +204,15 @@ def _plot_eval_curves(evals: pd.DataFrame, runs: Optional[pd.DataFrame], path: s
     elif len(df) and "status" in df.columns:
         df = df[df["status"] == "completed"]
     df = _need(df, f"eval curves ({experiment})", ["run_dir", "backend", "strategy", x, "eval_loss"])
-    backends = _ordered(df["backend"], BACKENDS)
+    backends = _ordered(df["backend"], backend_names())
     fig, axes = plt.subplots(1, len(backends), figsize=(4.2 * len(backends), 3.8), sharey=True, squeeze=False,
                              layout="constrained")
     for ax, b in zip(axes[0], backends):
         sub = df[df["backend"] == b]
-        for s in _ordered(sub["strategy"], STRATEGIES):
+        for s in _ordered(sub["strategy"], strategy_names()):
             for k, (_, run) in enumerate(sub[sub["strategy"] == s].groupby("run_dir")):
                 run = run.sort_values(x)
-                ax.plot(run[x].astype(float), run["eval_loss"].astype(float), color=COLORS.get(s, "grey"),
+                ax.plot(run[x].astype(float), run["eval_loss"].astype(float), color=strategy_color(s),
                         marker=".", ms=4, lw=1.2, alpha=0.8, label=s if k == 0 else None)
         ax.set_title(b)
         ax.set_xlabel(xlabel)
@@ -238,7 +271,7 @@ def plot_gain_vs_padding(runs: pd.DataFrame, path: str, experiment: Optional[str
     top = 0.0
     for g in parts:
         against = g["against"].iloc[0]
-        ax.scatter(g["pad_fraction"], g["gain"], color=COLORS.get(against, "grey"), s=28, zorder=3,
+        ax.scatter(g["pad_fraction"], g["gain"], color=strategy_color(against), s=28, zorder=3,
                    label=f"packed / {against}")
         top = max(top, float(g["pad_fraction"].max()))
     p = np.linspace(0, min(0.97, max(top * 1.08, 0.1)), 200)
@@ -311,7 +344,7 @@ def plot_loss_vs_window(runs: pd.DataFrame, path: str, experiment: Optional[str]
         groups = df.groupby(["backend", "strategy"]) if {"backend", "strategy"} <= set(df.columns) else [(("", ""), df)]
         for (b, s), g in groups:
             med = g.groupby("window")[key].median()
-            ax.plot(med.index, med.values, color=COLORS.get(s, "grey"), marker=MARKERS.get(b, "o"),
+            ax.plot(med.index, med.values, color=strategy_color(s), marker=backend_marker(b),
                     label=f"{b} {s}".strip())
             ax.scatter(g["window"], g[key].astype(float), color="black", s=10, zorder=3)
         ax.set_xscale("log", base=2)
@@ -347,7 +380,7 @@ def summary_table(runs: pd.DataFrame, evals: Optional[pd.DataFrame] = None,
     if not len(df) or not {"backend", "strategy", "valid_tokens_per_s"} <= set(df.columns):
         return pd.DataFrame(columns=cols)
     rows = []
-    for b in _ordered(df["backend"], BACKENDS):
+    for b in _ordered(df["backend"], backend_names()):
         sub = df[df["backend"] == b].copy()
         at = None
         if evals is not None and len(evals) and {"run_dir", "valid_tokens_seen", "eval_loss"} <= set(evals.columns):

@@ -42,6 +42,51 @@ def group_config(group: str, name: str) -> Dict[str, Any]:
         return yaml.safe_load(fh) or {}
 
 
+# Strategies and data sources are plug-ins the same way: conf/strategy/<name>.yaml and
+# conf/data/<name>.yaml name their class (_target_, NumPy only) and hold its options; build_layout
+# and build_dataset construct them. A group's names are its files (group_options): nothing else
+# lists them.
+def plugin_options(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """A group config's options: everything but what describes the file (:data:`META_KEYS`)."""
+    return {k: v for k, v in cfg.items() if k not in META_KEYS}
+
+
+def plugin_class(group: str, cfg: Mapping[str, Any]) -> type:
+    """Import the class named by ``_target_`` of ``cfg``, or of ``conf/<group>/<name>.yaml`` where
+    ``cfg`` (a group's config, possibly just ``{"name": ...}``) has none."""
+    name, target = cfg.get("name"), cfg.get("_target_")
+    if not target:
+        if name not in group_options(group):
+            raise ConfigError(group, name, f"allowed: {', '.join(group_options(group))}")
+        target = group_config(group, name).get("_target_")
+    module, _, cls = str(target).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"{group}._target_", target, f"conf/{group}/{name}.yaml names no importable "
+                          f"class ({type(exc).__name__}: {exc})") from None
+
+
+def _instantiate(group: str, cfg: Mapping[str, Any], *args: Any) -> Any:
+    """``_target_(*args, **options)``, named after its config (``cfg["name"]``)."""
+    obj = plugin_class(group, cfg)(*args, **plugin_options(cfg))
+    if cfg.get("name") is not None:
+        obj.name = str(cfg["name"])
+    return obj
+
+
+def build_layout(cfg: Mapping[str, Any], batch_size: int, window: int, seed: int = 0) -> Any:
+    """The layout of strategy config ``cfg`` (``cfg["strategy"]`` of a run): its class built with
+    ``(batch_size, window, seed, **options)``; the class checks its options (one-line ConfigError)."""
+    return _instantiate("strategy", cfg, batch_size, window, seed)
+
+
+def build_dataset(cfg: Mapping[str, Any]) -> Any:
+    """The data source of data config ``cfg`` (``cfg["data"]`` of a run): its class built with the
+    options, which it checks (nothing is read yet: ``.load(seed)``, ``.size()``)."""
+    return _instantiate("data", cfg)
+
+
 def backend_configs() -> Dict[str, Dict[str, Any]]:
     """Every registered backend's config, by name."""
     return {name: group_config("backend", name) for name in group_options("backend")}

@@ -318,13 +318,13 @@ def _sweep_values(text: Any) -> List[str]:
 
 def length_tables(conf_dir: Optional[str] = None, bin_width: int = 8) -> pd.DataFrame:
     """Length histograms of the training sets the experiments use: KJV verses
-    (``benchmarks.data.load_kjv``) and the synthetic sets of ``conf/experiment/waste.yaml``
+    (``benchmarks.data.KJV``) and the synthetic sets of ``conf/experiment/waste.yaml``
     (one per swept ``data.length.sigma``)."""
     import yaml
 
-    from benchmarks.data import load_kjv, load_synthetic
+    from benchmarks.data import KJV, Synthetic
     conf_dir = conf_dir or os.path.join(ROOT, "conf")
-    parts = [length_histogram(load_kjv().train.positions, "kjv", bin_width, data="kjv", sigma=np.nan)]
+    parts = [length_histogram(KJV().load().train.positions, "kjv", bin_width, data="kjv", sigma=np.nan)]
     with open(os.path.join(conf_dir, "experiment", "waste.yaml")) as fh:
         waste = yaml.safe_load(fh)
     with open(os.path.join(conf_dir, "data", "synthetic.yaml")) as fh:
@@ -334,7 +334,7 @@ def length_tables(conf_dir: Optional[str] = None, bin_width: int = 8) -> pd.Data
     params = waste["hydra"]["sweeper"]["params"]
     for sigma in _sweep_values(params.get("data.length.sigma", length.get("sigma"))):
         spec = {**length, "sigma": float(sigma)}
-        ds = load_synthetic(int(data["train_sequences"]), int(data["eval_sequences"]), int(data["seed"]), spec)
+        ds = Synthetic(int(data["train_sequences"]), int(data["eval_sequences"]), int(data["seed"]), spec).load()
         parts.append(length_histogram(ds.train.positions, f"synthetic sigma={sigma}", bin_width,
                                       data="synthetic", sigma=float(sigma)))
     return pd.concat(parts, ignore_index=True)

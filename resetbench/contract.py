@@ -26,6 +26,17 @@ class ConfigError(ValueError):
         super().__init__(f"{key}={shown}: {allowed}")
 
 
+def check_int(key: str, value: Any, minimum: int = 1, allow_none: bool = False) -> Any:
+    """``value`` as an int when it is an integer >= ``minimum`` (a bool is not), None when it is
+    None and ``allow_none``; else a ConfigError naming ``key``. Plug-ins check their options with it."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum:
+        return int(value)
+    what = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+    raise ConfigError(key, value, f"must be {what}" + (" or null" if allow_none else ""))
+
+
 @dataclasses.dataclass
 class Batch:
     """A contract batch: what every strategy yields and every backend eats.

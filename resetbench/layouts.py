@@ -4,9 +4,14 @@
 each sequence start, state carried between windows. ``Padded`` and ``ResetAll`` are what
 frameworks offer instead (docs/spec.md).
 
-A strategy is a data layout, not a code path: ``padded``, ``reset_all`` and ``packed`` all yield
-:class:`backends.base.Batch` and a backend treats them alike. Tokens are gathered with
-vectorized index arithmetic; the only Python loops run over groups or sequences, never tokens.
+A strategy is a data layout, not a code path: every layout yields :class:`resetbench.contract.Batch`
+and a backend treats them alike. Tokens are gathered with vectorized index arithmetic; the only
+Python loops run over groups or sequences, never tokens.
+
+Every layout class is constructed as ``Cls(batch_size, window, seed, **options)`` and refuses a bad
+or unknown option with a :class:`ConfigError` naming ``strategy.<option>``. The benchmark builds
+them from ``conf/strategy/<name>.yaml`` (``_target_`` and the options; ``benchmarks.registry``), so
+a new strategy is a class here (or anywhere importable) and a yaml file there.
 
 Every epoch visits every training sequence exactly once, in an order drawn from
 ``numpy.random.default_rng([seed, epoch])``, so every backend sees identical batches.
@@ -15,14 +20,12 @@ Every epoch visits every training sequence exactly once, in an order drawn from
 from __future__ import annotations
 
 import heapq
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from resetbench.contract import BOUNDARY, Batch, ConfigError
+from resetbench.contract import BOUNDARY, Batch, ConfigError, check_int
 from resetbench.corpus import Corpus
-
-STRATEGIES = ("padded", "reset_all", "packed", "bucketed")
 
 
 def _round_up(n: int, m: int) -> int:
@@ -76,16 +79,27 @@ def _batch(g: Mapping[str, np.ndarray], t0: int = 0, t1: int | None = None) -> B
     return Batch(g["x"][:, sl], g["y"][:, sl], g["mask"][:, sl], g["reset"][:, sl])
 
 
+class Footprint(NamedTuple):
+    """What a layout materializes for an epoch (the benchmark's memory estimate reads it): the
+    slots of its largest training batch, the slots it holds at once, the tokens it gathers at once."""
+
+    step_slots: int
+    held_slots: int
+    gathered_tokens: int
+
+
 class Layout:
-    """Base: ``epoch(corpus, epoch)`` returns an :class:`Epoch` (sized, iterable of batches)."""
+    """Base: ``epoch(corpus, epoch)`` returns an :class:`Epoch` (sized, iterable of batches).
+
+    A subclass takes its options as keyword arguments, checks each (ConfigError naming
+    ``strategy.<option>``) and passes the rest here, where any left is refused as unknown."""
 
     name = "abstract"
 
     def __init__(self, batch_size: int, window: int, seed: int = 0, **options: Any):
-        for key, val in (("train.batch_size", batch_size), ("train.window", window)):
-            if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < 1:
-                raise ConfigError(key, val, "must be a positive integer")
-        self.B, self.T, self.seed = int(batch_size), int(window), int(seed)
+        self.B = check_int("train.batch_size", batch_size)
+        self.T = check_int("train.window", window)
+        self.seed = check_int("train.seed", seed, minimum=0)
         if options:
             key = next(iter(options))
             raise ConfigError(f"strategy.{key}", options[key], f"not an option of strategy={self.name}")
@@ -96,6 +110,12 @@ class Layout:
 
     def epoch(self, corpus: Corpus, epoch: int = 0) -> "Epoch":
         raise NotImplementedError
+
+    def footprint(self, tokens: int, longest: int) -> Footprint:
+        """The :class:`Footprint` of an epoch of ``tokens`` target positions whose longest
+        sequence has ``longest`` (an upper bound; sizes a run before any data is loaded)."""
+        raise NotImplementedError(f"{type(self).__name__}.footprint: what an epoch materializes "
+                                  f"(the benchmark's memory estimate needs it)")
 
 
 class Epoch:
@@ -112,27 +132,43 @@ class Epoch:
 
 
 class Padded(Layout):
-    """B sequences per batch, padded to the batch's longest (rounded up to ``pad_multiple``),
-    ``reset[:, 0] = True``; full backpropagation through each sequence."""
+    """B sequences per batch in the epoch's random order, padded to the batch's longest (rounded
+    up to ``pad_multiple``), ``reset[:, 0] = True``; full backpropagation through each sequence.
+    ``max_tokens`` bounds rows x padded length per batch instead of B rows (:func:`token_batches`)."""
 
     name = "padded"
 
-    def __init__(self, batch_size: int, window: int, seed: int = 0, pad_multiple: int = 1):
-        super().__init__(batch_size, window, seed)
-        if not isinstance(pad_multiple, int) or pad_multiple < 1:
-            raise ConfigError("strategy.pad_multiple", pad_multiple, "must be a positive integer")
-        self.pad_multiple = pad_multiple
+    def __init__(self, batch_size: int, window: int, seed: int = 0, pad_multiple: int = 1,
+                 max_tokens: Optional[int] = None, row_multiple: int = 1, **options: Any):
+        super().__init__(batch_size, window, seed, **options)
+        self.pad_multiple = check_int("strategy.pad_multiple", pad_multiple)
+        self.max_tokens = check_int("strategy.max_tokens", max_tokens, allow_none=True)
+        self.row_multiple = check_int("strategy.row_multiple", row_multiple)
+
+    def footprint(self, tokens: int, longest: int) -> Footprint:
+        """One batch at a time: B rows (or max_tokens' rows) as wide as the longest sequence."""
+        width = _round_up(longest, self.pad_multiple)
+        rows = self.B if self.max_tokens is None else _rows_for(width, self.max_tokens, self.row_multiple)
+        return Footprint(rows * width, rows * width, 0)
+
+    def batches(self, corpus: Corpus, epoch: int) -> List[Tuple[np.ndarray, int, int]]:
+        """The epoch's batches as ``(sequence ids, rows, width)``, in training order."""
+        return token_batches(self.order(corpus, epoch), corpus.positions, self.B, self.pad_multiple,
+                             self.max_tokens, self.row_multiple)
 
     def epoch(self, corpus: Corpus, epoch: int = 0) -> Epoch:
-        order, B, P = self.order(corpus, epoch), self.B, corpus.positions
-        groups = [order[i:i + B] for i in range(0, len(order), B)]
+        return padded_epoch(corpus, self.batches(corpus, epoch))
 
-        def make() -> Iterator[Batch]:
-            for ids in groups:
-                g = _rows_of(corpus, ids, B, _round_up(P[ids].max(), self.pad_multiple))
-                g["reset"][:, 0] = True
-                yield _batch(g)
-        return Epoch([(B, _round_up(P[ids].max(), self.pad_multiple)) for ids in groups], make)
+
+def padded_epoch(corpus: Corpus, batches: List[Tuple[np.ndarray, int, int]]) -> Epoch:
+    """An epoch of padded batches ``(sequence ids, rows, width)``: one sequence per row, every row
+    reset at column 0."""
+    def make() -> Iterator[Batch]:
+        for ids, rows, width in batches:
+            g = _rows_of(corpus, ids, rows, width)
+            g["reset"][:, 0] = True
+            yield _batch(g)
+    return Epoch([(rows, width) for _, rows, width in batches], make)
 
 
 class ResetAll(Layout):
@@ -153,6 +189,10 @@ class ResetAll(Layout):
                 for t0 in range(0, width, T):
                     yield _batch(g, t0, t0 + T)
         return Epoch([(B, T)] * sum(w // T for w in widths), make)
+
+    def footprint(self, tokens: int, longest: int) -> Footprint:
+        """Windows of B x T, cut from one group of B rows padded to a multiple of T."""
+        return Footprint(self.B * self.T, self.B * _round_up(longest, self.T), 0)
 
 
 def balance_streams(lengths: np.ndarray, streams: int) -> np.ndarray:
@@ -208,6 +248,12 @@ class Packed(Layout):
                 yield _batch(g, w * T, (w + 1) * T)
         return Epoch([(self.B, T)] * n, make)
 
+    def footprint(self, tokens: int, longest: int) -> Footprint:
+        """The whole epoch as ``[B, W*T]`` (each stream's load is at most tokens / B + the
+        longest sequence, the LPT bound), and every token gathered at once."""
+        width = max(_round_up(-(-int(tokens) // self.B) + int(longest), self.T), self.T)
+        return Footprint(self.B * self.T, self.B * width, int(tokens))
+
 
 def token_batches(ids: np.ndarray, positions: np.ndarray, batch_size: int, pad_multiple: int,
                   max_tokens: Optional[int] = None, row_multiple: int = 1) -> List[Tuple[np.ndarray, int, int]]:
@@ -245,60 +291,30 @@ def _rows_for(width: int, max_tokens: int, row_multiple: int) -> int:
     return max(row_multiple, (max_tokens // width) // row_multiple * row_multiple)
 
 
-class Bucketed(Layout):
+class Bucketed(Padded):
     """Length bucketing, what practitioners use instead of packing (torchtext's BucketIterator,
     tf.data's ``bucket_by_sequence_length``, fairseq's batching): padded batches of sequences of
     similar length. The epoch's random order is cut into pools of ``pool_batches x B`` sequences;
     each pool is sorted by length and cut into batches; the epoch's batches are then shuffled.
-    Each batch is padded to its longest (rounded up to ``pad_multiple``), ``reset[:, 0] = True``,
-    full backpropagation through each sequence. ``max_tokens`` bounds rows x padded length per
-    batch instead of B rows (:func:`token_batches`)."""
+    Otherwise as :class:`Padded` (``pad_multiple``, ``max_tokens``, reset at column 0)."""
 
     name = "bucketed"
 
     def __init__(self, batch_size: int, window: int, seed: int = 0, pool_batches: int = 100,
-                 pad_multiple: int = 16, max_tokens: Optional[int] = None, row_multiple: int = 1):
-        super().__init__(batch_size, window, seed)
-        for key, val in (("pool_batches", pool_batches), ("pad_multiple", pad_multiple), ("row_multiple", row_multiple)):
-            if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < 1:
-                raise ConfigError(f"strategy.{key}", val, "must be a positive integer")
-        if max_tokens is not None and (not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool)
-                                       or max_tokens < 1):
-            raise ConfigError("strategy.max_tokens", max_tokens, "must be a positive integer or null")
-        self.pool_batches, self.pad_multiple = int(pool_batches), int(pad_multiple)
-        self.max_tokens, self.row_multiple = max_tokens, int(row_multiple)
+                 pad_multiple: int = 16, **options: Any):
+        super().__init__(batch_size, window, seed, pad_multiple=pad_multiple, **options)
+        self.pool_batches = check_int("strategy.pool_batches", pool_batches)
 
     def batches(self, corpus: Corpus, epoch: int) -> List[Tuple[np.ndarray, int, int]]:
-        """The epoch's batches as ``(sequence ids, rows, width)``, in training order."""
         order, P = self.order(corpus, epoch), corpus.positions
         pool = self.pool_batches * self.B
         out: List[Tuple[np.ndarray, int, int]] = []
         for start in range(0, len(order), pool):
             ids = order[start:start + pool]
-            ids = ids[np.argsort(P[ids], kind="stable")]
-            out += token_batches(ids, P, self.B, self.pad_multiple, self.max_tokens, self.row_multiple)
+            out += token_batches(ids[np.argsort(P[ids], kind="stable")], P, self.B, self.pad_multiple,
+                                 self.max_tokens, self.row_multiple)
         shuffle = np.random.default_rng([self.seed, epoch, 1]).permutation(len(out))
         return [out[k] for k in shuffle]
-
-    def epoch(self, corpus: Corpus, epoch: int = 0) -> Epoch:
-        batches = self.batches(corpus, epoch)
-
-        def make() -> Iterator[Batch]:
-            for ids, rows, width in batches:
-                g = _rows_of(corpus, ids, rows, width)
-                g["reset"][:, 0] = True
-                yield _batch(g)
-        return Epoch([(rows, width) for _, rows, width in batches], make)
-
-
-LAYOUTS = {cls.name: cls for cls in (Padded, ResetAll, Packed, Bucketed)}
-
-
-def make_layout(name: str, batch_size: int, window: int, seed: int = 0, **options: Any) -> Layout:
-    """Build a layout by strategy name (``strategy.name`` in the config)."""
-    if name not in LAYOUTS:
-        raise ConfigError("strategy", name, f"allowed: {', '.join(STRATEGIES)}")
-    return LAYOUTS[name](batch_size, window, seed, **options)
 
 
 def eval_batches(corpus: Corpus, batch_size: int, window: int) -> Epoch:

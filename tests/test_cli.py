@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from backends.base import ModelSpec, init_weights, save_weights
+from benchmarks import registry
 from tests.helpers import REQUIRE_ALL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +43,6 @@ def read_steps(run_dir: str):
 
 
 def installed(backend: str) -> bool:
-    from benchmarks import registry
     ok = not registry.missing_requirements(registry.backend_configs()[backend])
     if not ok and REQUIRE_ALL:
         pytest.fail(f"backend {backend} not installed (RESETBENCH_REQUIRE_ALL=1)")
@@ -50,11 +50,10 @@ def installed(backend: str) -> bool:
 
 
 def _backends():
-    from benchmarks import registry
     return sorted(registry.backend_configs())
 
 
-@pytest.mark.parametrize("strategy", ["padded", "reset_all", "packed"])
+@pytest.mark.parametrize("strategy", registry.group_options("strategy"))
 @pytest.mark.parametrize("backend", _backends())
 def test_each_strategy_writes_contract_files(tmp_path, backend, strategy):
     if not installed(backend):
@@ -97,7 +96,7 @@ def test_steps_zero_only_evaluates_and_init_loads(tmp_path):
 
 def test_eval_loss_is_the_same_for_every_strategy_at_step_zero(tmp_path):
     losses = set()
-    for strategy in ("padded", "reset_all", "packed"):
+    for strategy in registry.group_options("strategy"):
         out = tmp_path / strategy
         r = run_cli("backend=numpy", f"strategy={strategy}", "train.steps=0", *TINY, f"hydra.run.dir={out}")
         assert r.returncode == 0, r.stderr[-2000:]
@@ -209,7 +208,7 @@ def test_nan_loss_stops_and_keeps_files(tmp_path):
 def test_interrupted_run_keeps_valid_files(tmp_path, monkeypatch):
     """A KeyboardInterrupt mid-training leaves steps.csv, summary.json (status interrupted) and
     the weights behind."""
-    from benchmarks import harness, registry
+    from benchmarks import harness
     from omegaconf import OmegaConf
 
     real_build = registry.build_backend

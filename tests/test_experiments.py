@@ -9,6 +9,7 @@ of tiny models on a shared machine, where spinning thread pools only slow them d
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -30,11 +31,19 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TF_NUM_INTRAOP_TH
 
 
 def sweep_axes(name: str) -> dict:
-    """``hydra.sweeper.params`` of conf/experiment/NAME.yaml as {key: [values]}."""
+    """``hydra.sweeper.params`` of conf/experiment/NAME.yaml as {key: [values]}, each axis expanded
+    by Hydra's own override parser (``glob(*)`` over a config group needs its config loader)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     with open(os.path.join(EXPERIMENTS, f"{name}.yaml")) as fh:
-        cfg = yaml.safe_load(fh)
-    params = cfg["hydra"]["sweeper"]["params"]
-    return {k: [v.strip() for v in str(vals).split(",")] for k, vals in params.items()}
+        params = yaml.safe_load(fh)["hydra"]["sweeper"]["params"]
+    with initialize_config_dir(config_dir=registry.CONF_DIR, version_base="1.3"):
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().hydra.config_loader)
+        parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()])
+        return {o.get_key_element(): list(o.sweep_string_iterator()) if o.is_sweep_override()
+                else [o.get_value_element_as_str()] for o in parsed}
 
 
 def installed_backends(names):
@@ -103,16 +112,17 @@ def test_debug_experiment_runs_and_is_collected(tmp_path, name):
 
 def test_full_experiments_compose_with_their_axes():
     """compare / waste / window: the axes of the study (composed by Hydra, nothing run)."""
-    assert sweep_axes("compare") == {"backend": ["torch", "jax", "keras"],
-                                     "strategy": ["padded", "reset_all", "packed"], "train.seed": ["0", "1", "2"]}
-    assert sweep_axes("waste")["strategy"] == ["padded", "reset_all", "packed"]
+    frameworks = [b for b in registry.group_options("backend") if b != "numpy"]    # not the oracle
+    assert sweep_axes("compare") == {"backend": frameworks, "strategy": registry.group_options("strategy"),
+                                     "train.seed": ["0", "1", "2"]}
+    assert sweep_axes("waste")["strategy"] == registry.group_options("strategy")
     assert len(sweep_axes("waste")["data.length.sigma"]) >= 4
     assert sweep_axes("window")["train.window"] == ["16", "32", "64", "128", "256"]
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from benchmarks.config import validate
-    assert sweep_axes("peers") == {"backend": ["torch", "jax", "keras"], "strategy": ["padded"],
+    assert sweep_axes("peers") == {"backend": frameworks, "strategy": ["padded"],
                                    "backend.kernel": ["peer"], "train.seed": ["0", "1", "2"]}
     for name in ("compare", "waste", "window", "peers", "compare_debug", "waste_debug", "window_debug", "peers_debug"):
         with initialize_config_dir(config_dir=registry.CONF_DIR, version_base="1.3"):
@@ -134,6 +144,45 @@ def test_full_experiments_compose_with_their_axes():
                 t = plain["train"]
                 assert t["max_valid_tokens"] and t["steps"] is None and t["time_budget_s"] is None
                 assert plain["eval"]["every_steps"]
+
+
+# Hydra's own sweeper in a process of its own (python run.py without its preflight): each job's
+# task overrides, recorded by a task that runs nothing
+RECORD_JOBS = r"""
+import json, runpy, sys
+import benchmarks.cli, benchmarks.jobs
+jobs = []
+
+def task(cfg):
+    from hydra.core.hydra_config import HydraConfig
+    jobs.append(list(HydraConfig.get().overrides.task))
+
+benchmarks.jobs.task = task
+benchmarks.cli.preflight = lambda argv: None
+sys.argv = ["run.py", *json.loads(sys.argv[1])]
+try:
+    runpy.run_path("run.py", run_name="__main__")
+except SystemExit as exc:
+    assert not exc.code, exc.code
+print(json.dumps(jobs))
+"""
+
+
+def test_glob_axes_expand_alike_in_preflight_and_hydra(tmp_path):
+    """``glob(...)`` over a config group, in an experiment's sweeper params and on the command line:
+    preflight's expansion (benchmarks.cli.compose_jobs) is the jobs Hydra's BasicSweeper runs."""
+    from benchmarks import cli
+    args = ["-m", "+experiment=compare_debug", "strategy=glob(pa*)", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    cli._check_group_values(args)                   # a sweep function is not a group name: no exit
+    planned = [job.overrides for job in cli.compose_jobs(args)]
+    r = subprocess.run([sys.executable, "-c", RECORD_JOBS, json.dumps(args)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, **ONE_THREAD})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ran = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ran == planned
+    frameworks = [b for b in registry.group_options("backend") if b != "numpy"]
+    pa = [s for s in registry.group_options("strategy") if s.startswith("pa")]
+    assert [job[:2] for job in ran] == [[f"backend={b}", f"strategy={s}"] for b in frameworks for s in pa]
 
 
 @pytest.mark.parametrize("launcher", ["submitit_local", "joblib"])

@@ -1,81 +1,28 @@
-"""Layouts (CONTRACT section 2) on random corpora: coverage, reset rules, padding, determinism."""
+"""Each layout class's own rules (CONTRACT section 2) on random corpora: where it resets, how it
+pads, how packed balances its streams. The properties every strategy shares (every target once,
+determinism, the guarantees its yaml declares) are checked over conf/strategy/ in tests/test_plugins.py."""
 
 from __future__ import annotations
-
-from typing import Dict, List
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from backends.base import BOUNDARY
-from resetbench.corpus import Corpus
-from resetbench.layouts import Packed, Padded, ResetAll, STRATEGIES, balance_streams, epoch_stats, make_layout
-
-lengths_st = st.lists(st.integers(0, 40), min_size=1, max_size=30)
-B_st = st.integers(1, 6)
-T_st = st.integers(1, 12)
-
-
-def corpus_of(lengths: List[int], seed: int = 0) -> Corpus:
-    rng = np.random.default_rng(seed)
-    return Corpus.from_sequences([bytes(rng.integers(0, 256, size=n, dtype=np.uint8)) for n in lengths])
-
-
-def layout(name: str, B: int, T: int, seed: int = 0, pad_multiple: int = 1):
-    return make_layout(name, B, T, seed, **({"pad_multiple": pad_multiple} if name == "padded" else {}))
-
-
-def segments(batches) -> List[bytes]:
-    """Follow each row through the batches, cutting at every reset; return the masked targets of
-    each segment. With a correct layout, each segment is one sequence's bytes + the boundary."""
-    rows: Dict[int, List[int]] = {}
-    done: List[List[int]] = []
-    for b in batches:
-        B, T = b.x.shape
-        for r in range(B):
-            for t in range(T):
-                if b.reset[r, t] and rows.get(r):
-                    done.append(rows.pop(r))
-                if b.reset[r, t]:
-                    rows[r] = []
-                if b.mask[r, t]:
-                    assert r in rows, "a counted target before any reset of its row"
-                    rows[r].append(int(b.y[r, t]))
-    done.extend(v for v in rows.values() if v)
-    return sorted(bytes(s[:-1]) + b"|" if s[-1] == BOUNDARY else bytes(s) for s in done)
-
-
-def expected(corpus: Corpus) -> List[bytes]:
-    return sorted(corpus.sequence(k) + b"|" for k in range(len(corpus)))
-
-
-@settings(max_examples=60, deadline=None)
-@given(lengths=lengths_st, B=B_st, T=T_st, name=st.sampled_from(STRATEGIES), seed=st.integers(0, 3))
-def test_every_target_of_every_sequence_once_per_epoch(lengths, B, T, name, seed):
-    corpus = corpus_of(lengths, seed)
-    for epoch in (0, 1):
-        batches = list(layout(name, B, T, seed).epoch(corpus, epoch))
-        for b in batches:
-            b.check()
-        assert segments(batches) == expected(corpus)
-        # inputs are targets shifted by one within each sequence: x = [256, s...]
-        for b in batches:
-            counted = b.mask > 0
-            starts = counted & (b.x == BOUNDARY)
-            assert np.all(b.y[counted & ~starts] >= 0)
+from resetbench.layouts import Packed, Padded, ResetAll, balance_streams
+from tests.test_plugins import B_st, T_st, corpus_of, lengths_st
 
 
 @settings(max_examples=60, deadline=None)
 @given(lengths=lengths_st, B=B_st, T=T_st, seed=st.integers(0, 3))
 def test_reset_rules(lengths, B, T, seed):
     corpus = corpus_of(lengths, seed)
-    for b in layout("packed", B, T, seed).epoch(corpus):
+    for b in Packed(B, T, seed).epoch(corpus):
         # exactly at each sequence's first position: where the input is the boundary and counts
         np.testing.assert_array_equal(b.reset, (b.x == BOUNDARY) & (b.mask > 0))
-    for b in layout("padded", B, T, seed).epoch(corpus):
+    for b in Padded(B, T, seed).epoch(corpus):
         assert b.reset[:, 0].all() and not b.reset[:, 1:].any()
-    batches = list(layout("reset_all", B, T, seed).epoch(corpus))
+    batches = list(ResetAll(B, T, seed).epoch(corpus))
     assert batches[0].reset[:, 0].all(), "the first window of the epoch must reset"
     for b in batches:
         assert b.x.shape == (B, T)
@@ -83,44 +30,6 @@ def test_reset_rules(lengths, B, T, seed):
         assert b.reset[:, 0].all() or not b.reset[:, 0].any()
     groups = -(-len(corpus) // B)
     assert sum(bool(b.reset[0, 0]) for b in batches) == groups   # only at group starts
-
-
-@settings(max_examples=40, deadline=None)
-@given(lengths=lengths_st, B=B_st, T=T_st, seed=st.integers(0, 3))
-def test_valid_tokens_equal_and_pad_fraction_direct(lengths, B, T, seed):
-    corpus = corpus_of(lengths, seed)
-    total_positions = int(corpus.positions.sum())
-    for name in STRATEGIES:
-        ep = layout(name, B, T, seed).epoch(corpus)
-        batches = list(ep)
-        stats = epoch_stats(ep)
-        assert stats["valid_tokens"] == total_positions
-        mask = np.concatenate([b.mask.ravel() for b in batches])
-        assert stats["total_slots"] == mask.size
-        assert stats["pad_fraction"] == pytest.approx(float((mask == 0).mean()))
-        assert len(batches) == len(ep) == len(ep.shapes)
-        assert [b.x.shape for b in batches] == list(ep.shapes)
-
-
-@settings(max_examples=30, deadline=None)
-@given(lengths=lengths_st, B=B_st, T=T_st, name=st.sampled_from(STRATEGIES), seed=st.integers(0, 3))
-def test_same_seed_same_batches(lengths, B, T, name, seed):
-    corpus = corpus_of(lengths, seed)
-    a = list(layout(name, B, T, seed).epoch(corpus, 1))
-    b = list(layout(name, B, T, seed).epoch(corpus, 1))
-    assert len(a) == len(b)
-    for u, v in zip(a, b):
-        for f in ("x", "y", "mask", "reset"):
-            np.testing.assert_array_equal(getattr(u, f), getattr(v, f))
-
-
-def test_epochs_and_seeds_change_the_order():
-    corpus = corpus_of(list(range(5, 45)))
-    for name in STRATEGIES:
-        a = np.concatenate([b.x.ravel() for b in layout(name, 4, 8, 0).epoch(corpus, 0)])
-        b = np.concatenate([b.x.ravel() for b in layout(name, 4, 8, 0).epoch(corpus, 1)])
-        c = np.concatenate([b.x.ravel() for b in layout(name, 4, 8, 1).epoch(corpus, 0)])
-        assert not np.array_equal(a, b) and not np.array_equal(a, c), name
 
 
 @settings(max_examples=60, deadline=None)
@@ -137,7 +46,7 @@ def test_packed_streams_are_balanced(lengths, B):
 def test_padded_width_is_longest_rounded(lengths, B, m, seed):
     corpus = corpus_of(lengths, seed)
     order = np.random.default_rng([seed, 0]).permutation(len(corpus))
-    for g, b in enumerate(layout("padded", B, 8, seed, pad_multiple=m).epoch(corpus)):
+    for g, b in enumerate(Padded(B, 8, seed, pad_multiple=m).epoch(corpus)):
         longest = corpus.positions[order[g * B:(g + 1) * B]].max()
         assert b.x.shape[1] == -(-longest // m) * m
 
@@ -164,5 +73,7 @@ def test_bad_sizes_are_config_errors():
         Padded(0, 4)
     with pytest.raises(ConfigError, match="train.window"):
         ResetAll(2, -1)
-    with pytest.raises(ConfigError, match="strategy"):
-        make_layout("no_such_layout", 2, 2)
+    with pytest.raises(ConfigError, match="strategy.pad_multiple"):
+        Padded(2, 2, pad_multiple=0)
+    with pytest.raises(ConfigError, match="strategy.bucket_size"):
+        Packed(2, 2, bucket_size=4)

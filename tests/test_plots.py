@@ -78,7 +78,7 @@ def test_gains_match_packed_with_its_baseline(tables):
 
 def test_summary_table_ranks_and_compares(tables):
     t = plots.summary_table(tables["runs"], tables["evals"])
-    assert list(t["backend"].unique()) == ["torch", "jax", "keras"]
+    assert list(t["backend"].unique()) == ["jax", "keras", "torch"]      # conf/backend/'s names, sorted
     assert len(t) == 9 and t["runs"].eq(2).all()
     for _, g in t.groupby("backend"):
         assert g["rank"].tolist() == [1, 2, 3]
@@ -149,3 +149,23 @@ def test_committed_tables_plot(tmp_path):
             assert set(figures) <= set(pngs), (name, sorted(pngs))
     if len(t["lengths"]):
         assert "lengths.png" in pngs
+
+
+def test_every_backend_and_strategy_gets_its_own_color_and_marker(monkeypatch):
+    """Colors and markers come from conf/ by sorted name: distinct for every strategy (and the
+    peer pseudo-strategy) and backend, and a new one gets its own without a change to plots.py."""
+    from benchmarks import registry
+
+    def distinct(names, pick):
+        got = {n: pick(n) for n in names}
+        return len(set(got.values())) == len(got) and "grey" not in got.values()
+
+    assert set(plots.strategy_names()) == set(registry.group_options("strategy")) | {plots.PEER}
+    assert plots.backend_names() == registry.group_options("backend")
+    assert distinct(plots.strategy_names(), plots.strategy_color)
+    assert distinct(plots.backend_names(), plots.backend_marker)
+    real = registry.group_options
+    monkeypatch.setattr(registry, "group_options", lambda g: sorted(real(g) + ["zz_new"]))
+    assert "zz_new" in plots.strategy_names() and "zz_new" in plots.backend_names()
+    assert distinct(plots.strategy_names(), plots.strategy_color)
+    assert distinct(plots.backend_names(), plots.backend_marker)

@@ -10,6 +10,7 @@ subprocess, so ~80 cases cost one interpreter start; a handful also run as ``pyt
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from backends.base import ConfigError, ModelSpec, init_weights, load_weights
 from benchmarks import cli, registry
 from benchmarks.config import (check_memory, check_type, count_params, estimate_memory, format_bytes,
                                parse_type)
-from benchmarks.data import DataSize, data_size, load_synthetic, load_textfile, split_bytes
+from benchmarks.data import KJV, DataSize, Synthetic, TextFile, data_size, split_bytes
 from tests.test_cli import ROOT, run_cli
 
 # --------------------------------------------------------------------------- the CLI cases
@@ -128,11 +129,11 @@ CASES = [
      "job 1 (backend=torch train.lr=-1): train.lr=-1: must be a positive number"),
     ("sweep.experiment", ["-m", "+experiment=compare_debug", "train.seed=0,7", "train.lr=-1",
                           "hydra.sweep.dir={tmp}/sweep"],
-     "job 0 (backend=torch strategy=padded train.seed=0 +experiment=compare_debug train.lr=-1): "
+     "job 0 (backend=jax strategy=bucketed train.seed=0 +experiment=compare_debug train.lr=-1): "
      "train.lr=-1: must be a positive number"),
     ("sweep.keras", ["-m", "+experiment=compare_debug", "backend=keras", "backend.jit_compile=maybe",
                      "hydra.sweep.dir={tmp}/sweep"],
-     "job 0 (backend=keras strategy=padded train.seed=0 +experiment=compare_debug backend.jit_compile=maybe): "
+     "job 0 (backend=keras strategy=bucketed train.seed=0 +experiment=compare_debug backend.jit_compile=maybe): "
      "backend.jit_compile='maybe': allowed: auto, true, false"),
     ("sweep.compose", ["-m", "backend=torch,jax", "backend.threads=2", "hydra.sweep.dir={tmp}/sweep"],
      "job 1 (backend=jax backend.threads=2): backend.threads=2: Key 'threads' is not in struct"),
@@ -302,9 +303,10 @@ def test_experiments_fit_in_memory(monkeypatch, tmp_path):
     config too."""
     monkeypatch.chdir(tmp_path)
     checker = cli.Checker()
-    for name, count in (("compare", 27), ("waste", 12), ("window", 5), ("peers", 9)):
+    from tests.test_experiments import sweep_axes
+    for name in ("compare", "waste", "window", "peers"):
         jobs = cli.compose_jobs(["-m", f"+experiment={name}"])
-        assert len(jobs) == count
+        assert len(jobs) == math.prod(len(v) for v in sweep_axes(name).values())
         cli.check_jobs(jobs, checker)
         for job in jobs[::3]:
             need = sum(estimate_memory(job.config, checker.data_size(job.config["data"])).values())
@@ -433,11 +435,10 @@ def test_memory_check_names_the_key():
 
 
 def test_kjv_size_matches_the_corpus():
-    from benchmarks.data import KJV_SIZE, load_kjv
     for strip in (False, True):
-        ds = load_kjv(strip_brackets=strip)
+        ds = KJV(strip_brackets=strip).load()
         for split, corpus in (("train", ds.train), ("eval", ds.eval)):
-            n, tokens, longest = KJV_SIZE[split]
+            n, tokens, longest = KJV.SIZES[split]
             p = corpus.positions
             assert len(p) == n and int(p.sum()) <= tokens and int(p.max()) <= longest
             if not strip:
@@ -449,7 +450,7 @@ def test_synthetic_size_matches_the_corpus():
            "length": {"dist": "lognormal", "median": 30, "sigma": 0.9, "min_len": 1, "max_len": 200},
            "max_train_sequences": 250, "max_eval_sequences": None}
     size = data_size(cfg)
-    ds = load_synthetic(300, 20, 4, cfg["length"])
+    ds = Synthetic(300, 20, 4, cfg["length"]).load()
     train = ds.train.positions[:250]
     assert (size.train_sequences, size.train_tokens, size.train_longest) == (250, int(train.sum()), int(train.max()))
     assert (size.eval_sequences, size.eval_tokens) == (20, int(ds.eval.positions.sum()))
@@ -462,7 +463,7 @@ def test_textfile_keeps_every_byte(tmp_path):
     assert split_bytes(raw, "paragraph") == [b"\xff\xfe abc caf\xc3\xa9 \x80\x81 last\xa0", b"x\xe2\x80"]
     (tmp_path / "train.txt").write_bytes(raw)
     (tmp_path / "eval.txt").write_bytes(b"\xff\xfe abc\n")
-    ds = load_textfile(str(tmp_path / "train.txt"), str(tmp_path / "eval.txt"))
+    ds = TextFile(str(tmp_path / "train.txt"), str(tmp_path / "eval.txt")).load()
     assert [ds.train.sequence(k) for k in range(len(ds.train))] == split_bytes(raw, "line")
     assert ds.eval.sequence(0) == b"\xff\xfe abc"
 

@@ -12,20 +12,21 @@ import numpy as np
 
 from backends.base import ModelSpec, OptimizerSpec, init_weights
 from benchmarks import registry
-from benchmarks.data import load_synthetic
-from resetbench.layouts import make_layout
+from benchmarks.data import Synthetic
 
 SPEC = ModelSpec(embed=16, hidden=32, layers=1)
-STRATEGIES = ("packed", "reset_all", "padded")
+STRATEGIES = registry.group_options("strategy")
 
 
 def batches(strategy: str):
-    ds = load_synthetic(60, 5, seed=3, length={"dist": "lognormal", "median": 20, "sigma": 0.8})
-    opts = {"pad_multiple": 32} if strategy == "padded" else {}  # few shapes: few compiles
-    layout = make_layout(strategy, batch_size=4, window=12, seed=0, **opts)
+    ds = Synthetic(60, 5, seed=3, length={"dist": "lognormal", "median": 20, "sigma": 0.8}).load()
+    cfg = registry.group_config("strategy", strategy)
+    if "pad_multiple" in cfg:
+        cfg["pad_multiple"] = 32      # few shapes: few compiles
+    layout = registry.build_layout(cfg, batch_size=4, window=12, seed=0)
     out = list(itertools.islice(itertools.chain(layout.epoch(ds.train, 0), layout.epoch(ds.train, 1)), 10))
     assert len(out) == 10
-    if strategy == "packed":
+    if "no_mid_reset" not in (cfg.get("guarantees") or []):
         assert any(b.reset[:, 1:].any() for b in out), "need mid-window resets"
     return out
 
