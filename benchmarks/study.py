@@ -106,6 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--phase", default="all", choices=PHASES)
     ap.add_argument("--root", default=os.path.join(ROOT, "results", "runs"), help="where the sweeps go")
     ap.add_argument("--tables", default=os.path.join(ROOT, "results", "tables"), help="where study_lr.csv goes")
+    ap.add_argument("--lr-from", default=None, metavar="PLAN", help="final phase: the rates chosen by another "
+                    "plan's tuning (its study_lr_PLAN.csv), instead of this plan's")
     ap.add_argument("--dry-run", action="store_true", help="print the sweeps, run nothing")
     args = ap.parse_args(argv)
     plan = load_plan(args.plan)
@@ -122,10 +124,16 @@ def main(argv=None) -> int:
             table.to_csv(lr_path, index=False, float_format="%.6g")
             print(table.to_string(index=False))
     if args.phase in ("final", "all"):
-        if args.dry_run and not os.path.isfile(lr_path):
+        source = os.path.join(args.tables, f"study_lr_{args.lr_from}.csv") if args.lr_from else lr_path
+        if args.dry_run and not os.path.isfile(source):
             rates = {s: plan["lr_grid"][0] for s in plan["strategies"]}
+        elif not os.path.isfile(source):
+            raise SystemExit(f"error: {source}: no tuning table (run --phase tune first)")
         else:
-            rates = chosen_rates(pd.read_csv(lr_path))
+            rates = chosen_rates(pd.read_csv(source))
+            missing = [s for s in plan["strategies"] if s not in rates]
+            if missing:
+                raise SystemExit(f"error: {source}: no rate for {', '.join(missing)}")
         run_sweeps(plan, "final", root, rates, args.dry_run)
     print(f"study {plan['name']}: {time.perf_counter() - t0:.0f} s; runs in {root}")
     return 0
