@@ -85,6 +85,19 @@ def test_reset_rules(lengths, B, T, seed):
     assert sum(bool(b.reset[0, 0]) for b in batches) == groups   # only at group starts
 
 
+@settings(max_examples=60, deadline=None)
+@given(lengths=lengths_st, B=B_st, T=T_st, name=st.sampled_from(STRATEGIES), seed=st.integers(0, 3))
+def test_declared_guarantees_hold_on_every_batch(lengths, B, T, name, seed):
+    """Every property conf/strategy/<name>.yaml guarantees (what a kernel's ``needs`` are checked
+    against before a run starts) holds on every batch, by the check the backends run."""
+    from backends.base import check_layout
+    from benchmarks import registry
+
+    guarantees = registry.strategy_guarantees()[name]
+    for b in layout(name, B, T, seed).epoch(corpus_of(lengths, seed)):
+        check_layout(b, guarantees, f"<guarantees of strategy={name}>")
+
+
 @settings(max_examples=40, deadline=None)
 @given(lengths=lengths_st, B=B_st, T=T_st, seed=st.integers(0, 3))
 def test_valid_tokens_equal_and_pad_fraction_direct(lengths, B, T, seed):

@@ -143,6 +143,7 @@ def fabricate_kernel_rows():
             for d in densities:
                 rate = 1000.0 * (1 - d) * (0.8 if kernel == "peer" else 1.0)
                 rows.append({"kind": "kernel", "backend": b, "kernel_option": kernel, "kernel": f"{b}.{kernel}",
+                             "kernel_role": kernel if kernel in ("native", "peer") else "exact",
                              "B": 32, "T": 64, "E": 64, "H": 256, "density": d, "tokens_per_s": rate,
                              "model_gflops": rate * kernels.model_flops(1, 1, 64, 256, 1) / 1e9})
     return kernels.derive(rows)
