@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.resetbench-installed
 EXTRAS ?= all,dev
 ARGS   ?=
 
-.PHONY: setup bench test plots tables kernels exercise clean-venv
+.PHONY: setup bench test docs plots tables kernels exercise clean-venv
 
 setup: $(STAMP)
 
@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml
 bench: $(STAMP)
 	$(PY) run.py $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) docs
 	RESETBENCH_REQUIRE_ALL=1 $(PY) -m pytest -q $(ARGS)
+
+# rewrite README.md's kernel table (between <!-- kernels:start/end -->) from conf/backend/*.yaml
+docs: $(STAMP)
+	$(PY) -m benchmarks.docs
 
 clean-venv:
 	rm -rf $(VENV)

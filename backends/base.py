@@ -15,7 +15,7 @@ import dataclasses
 import math
 import os
 from abc import ABC, abstractmethod
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -195,6 +195,14 @@ class Backend(ABC):
 
     Subclasses set ``name`` and ``kernel`` (which implementation path runs; recorded in
     ``summary.json``) and ``device`` (the resolved device: ``cpu`` or ``cuda``).
+
+    Kernels: ``kernel_option`` is the value of ``backend.kernel`` (what trains); ``eval_kernel``
+    is what ``eval_step`` runs (the backend's default exact kernel when ``kernel_option`` is a
+    baseline); ``needs`` are the layout properties ``kernel_option`` requires, checked on each
+    batch it consumes (:meth:`check_batch`). ``benchmarks.registry.build_backend`` passes
+    ``eval_kernel`` and ``needs`` from the kernel's declaration in ``conf/backend/<name>.yaml``;
+    an adapter built directly reads them from that declaration itself. An adapter dispatches on
+    the kernel names it implements and raises ConfigError for any other.
     """
 
     name: str = "abstract"
@@ -202,13 +210,24 @@ class Backend(ABC):
     device: str = "cpu"
 
     def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray],
-                 optimizer: OptimizerSpec, batch_size: int, device: str = "auto", **options: Any):
+                 optimizer: OptimizerSpec, batch_size: int, device: str = "auto", kernel: Optional[str] = None,
+                 eval_kernel: Optional[str] = None, needs: Optional[Sequence[str]] = None, **options: Any):
         self.spec = spec
         self.optimizer = optimizer
         self.batch_size = batch_size
         if options:
             raise ConfigError(f"backend.{next(iter(options))}", options[next(iter(options))],
                               f"not an option of backend={self.name}")
+        if eval_kernel is None or needs is None:            # built directly, not by the registry
+            eval_kernel, needs = _declared_facts(self.name, kernel)
+        self.kernel_option = kernel
+        self.eval_kernel = eval_kernel
+        self.needs = tuple(needs)
+
+    def check_batch(self, batch: "Batch") -> None:
+        """Raise ValueError unless ``batch`` has the layout properties the training kernel needs
+        (call it before the training kernel consumes a batch; evaluation runs an exact kernel)."""
+        check_layout(batch, self.needs, str(self.kernel_option))
 
     # -- training ---------------------------------------------------------------------------
     @abstractmethod
@@ -271,6 +290,25 @@ class Backend(ABC):
         """Framework versions to record in ``summary.json``."""
         return {}
 
+    def matmul(self, m: int, k: int, n: int) -> Optional[Callable[[], None]]:
+        """A no-argument call that runs one float32 ``[m, k] x [k, n]`` matmul through this
+        backend's framework on its device and waits for it (the kernel benchmark's matmul peak);
+        None: the benchmark measures NumPy's instead."""
+        return None
+
+
+def _declared_facts(backend: str, kernel: Optional[str]) -> Tuple[str, Tuple[str, ...]]:
+    """``(eval_kernel, needs)`` of ``kernel`` from ``conf/backend/<backend>.yaml``, for an adapter
+    built without ``benchmarks.registry.build_backend`` (imported here, lazily: the registry
+    imports this module)."""
+    from benchmarks import registry
+
+    if backend not in registry.group_options("backend"):
+        raise ConfigError("backend", backend, "has no conf/backend file declaring its kernels; build it with "
+                          "benchmarks.registry.build_backend, or pass eval_kernel and needs")
+    facts = registry.kernel_facts(registry.group_config("backend", backend), kernel)
+    return facts["eval_kernel"], facts["needs"]
+
 
 # --------------------------------------------------------------------------- shared math helpers
 def clip_scale(global_norm: float, clip_norm: Optional[float]) -> float:
@@ -280,45 +318,50 @@ def clip_scale(global_norm: float, clip_norm: Optional[float]) -> float:
     return float(clip_norm) / max(float(global_norm), float(clip_norm))
 
 
-# --------------------------------------------------------------------------- baseline kernels
-# Every backend offers two kernels that are not reset-aware, for comparison only:
-#   ``native``: the framework's own (fused where it has one) LSTM layer, loaded from the same
-#               canonical weights. It can zero a row's state before column 0 but cannot reset
-#               mid-window, so it runs windows without mid-window resets (padded, reset_all, or
-#               packed windows that happen to have none) and refuses any other.
-#   ``peer``:   what a user would pick instead of resetbench: the framework's variable-length
-#               path (torch ``pack_padded_sequence``, flax ``nn.RNN(seq_lengths=...)``, Keras
-#               ``LSTM`` with a padding mask). It consumes the ``padded`` layout only: every row
-#               starts from a zero state (``reset[:, 0]`` all True), no mid-window reset, and
-#               each row's mask is a prefix of ones (its length). The state it leaves is each
-#               row's state after its last valid token (the next padded batch resets it anyway).
-BASELINE_KERNELS = ("native", "peer")
+# --------------------------------------------------------------------------- layout properties
+# What a kernel may declare under ``needs`` and a strategy under ``guarantees`` (docs/spec.md
+# section 4): property -> a check of one batch that returns why it fails ("" if it holds).
+def _fresh_rows(batch: "Batch") -> str:
+    if batch.reset[:, 0].all():
+        return ""
+    b = int(np.flatnonzero(~batch.reset[:, 0])[0])
+    return f"row {b} carries state into the window (reset[{b}, 0] is False)"
 
 
-def check_no_mid_reset(batch: "Batch", kernel: str) -> None:
-    """Raise ValueError if ``batch`` resets any row after column 0 (``native`` cannot)."""
+def _no_mid_reset(batch: "Batch") -> str:
     mid = np.argwhere(batch.reset[:, 1:])
-    if mid.size:
-        b, t = int(mid[0][0]), int(mid[0][1]) + 1
-        raise ValueError(f"backend.kernel={kernel} cannot reset a row mid-window (row {b}, column {t}); "
-                         f"use a reset-aware kernel for packed windows")
+    if not mid.size:
+        return ""
+    return f"a row resets mid-window (row {int(mid[0][0])}, column {int(mid[0][1]) + 1})"
 
 
-def padded_lengths(batch: "Batch", kernel: str = "peer") -> np.ndarray:
-    """Per-row lengths (int32 [B]) of a ``padded``-layout batch, for the ``peer`` kernels.
-
-    Raises ValueError unless every row resets at column 0, nothing resets later, and each
-    row's mask is a prefix of ones (what ``strategy=padded`` produces)."""
-    if not batch.reset[:, 0].all():
-        b = int(np.flatnonzero(~batch.reset[:, 0])[0])
-        raise ValueError(f"backend.kernel={kernel} needs the padded layout: row {b} carries state into "
-                         f"the window (reset[{b}, 0] is False); use strategy=padded")
-    check_no_mid_reset(batch, kernel)
-    lengths = batch.mask.sum(axis=1).astype(np.int32)
+def _prefix_mask(batch: "Batch") -> str:
+    lengths = (batch.mask != 0).sum(axis=1)
     T = batch.mask.shape[1]
     prefix = np.arange(T)[None, :] < lengths[:, None]
-    if not np.array_equal(batch.mask != 0, prefix):
-        b = int(np.flatnonzero((batch.mask != 0) != prefix)[0] // T)
-        raise ValueError(f"backend.kernel={kernel} needs the padded layout: row {b}'s mask is not a "
-                         f"prefix of ones; use strategy=padded")
-    return lengths
+    if np.array_equal(batch.mask != 0, prefix):
+        return ""
+    b = int(np.flatnonzero((batch.mask != 0) != prefix)[0] // T)
+    return f"row {b}'s mask is not a prefix of ones"
+
+
+LAYOUT_CHECKS = {"fresh_rows": _fresh_rows, "no_mid_reset": _no_mid_reset, "prefix_mask": _prefix_mask}
+
+
+def check_layout(batch: "Batch", needs: Sequence[str], kernel: str) -> None:
+    """Raise ValueError, naming ``kernel``, the property and the first offending row, unless
+    ``batch`` has every layout property in ``needs`` (a kernel's declared ``needs``)."""
+    for prop in needs:
+        if prop not in LAYOUT_CHECKS:
+            raise ValueError(f"backend.kernel={kernel} needs {prop!r}, which is not a known layout property "
+                             f"({', '.join(LAYOUT_CHECKS)})")
+        why = LAYOUT_CHECKS[prop](batch)
+        if why:
+            raise ValueError(f"backend.kernel={kernel} needs {prop}: {why}; use a layout that guarantees "
+                             f"{prop}, or a reset-aware kernel")
+
+
+def row_lengths(batch: "Batch") -> np.ndarray:
+    """Per-row counts of valid targets (int32 [B]): each row's length when its mask is a prefix
+    of ones (``check_layout(batch, ["prefix_mask"], ...)`` first)."""
+    return (batch.mask != 0).sum(axis=1).astype(np.int32)

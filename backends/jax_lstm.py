@@ -25,9 +25,11 @@ Option ``kernel`` (recorded in ``summary.json`` as ``kernel``):
 
 The baselines keep the parameters canonical and build flax's parameter tree from them inside the
 jitted step, so autodiff maps the gradients back to canonical keys and the optimizer update is the
-same as for ``scan``. ``eval_step`` always runs ``scan``: the eval layout is packed streams with
-mid-window resets, which the baselines cannot consume, and the eval loss must not depend on the
-training kernel. flax is imported only by the baselines.
+same as for ``scan``. Each batch is checked on the host for the layout properties the kernel
+declares (``needs`` in ``conf/backend/jax.yaml``). ``eval_step`` runs ``self.eval_kernel`` (``scan``
+for every kernel): the eval layout is packed streams with mid-window resets, which the baselines
+cannot consume, and the eval loss must not depend on the training kernel. flax is imported only by
+the baselines.
 
 Option ``unroll``: the time loop's unroll factor (``lax.scan`` / ``nn.RNN``), recorded in ``kernel``.
 
@@ -54,12 +56,11 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from resetbench.jax_layers import lstm_layer, lstm_layer_vjp  # noqa: E402
-from backends.base import (BASELINE_KERNELS, Backend, Batch, ConfigError, ModelSpec,  # noqa: E402
-                           OptimizerSpec, check_no_mid_reset, padded_lengths)
+from backends.base import Backend, Batch, ConfigError, ModelSpec, OptimizerSpec  # noqa: E402
 
 Params = Dict[str, jax.Array]
 F32 = jnp.float32
-KERNELS = ("scan",) + BASELINE_KERNELS
+FLAX_KERNELS = ("native", "peer")           # the kernels built on flax (imported only for them)
 # internal kernel key (kernel=scan with hoist=true: "scan.hoisted") -> the recorded kernel name,
 # before any .unrollN suffix
 KERNEL_NAMES = {"scan": "jax.scan", "scan.hoisted": "jax.scan.hoisted", "scan.autodiff": "jax.scan.autodiff",
@@ -205,23 +206,21 @@ class JaxBackend(Backend):
     def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optimizer: OptimizerSpec,
                  batch_size: int, device: str = "auto", kernel: str = "scan", unroll: int = 1,
                  hoist: bool = False, autodiff: bool = False, **options: Any):
-        super().__init__(spec, weights, optimizer, batch_size, device, **options)
-        if kernel not in KERNELS:
-            raise ConfigError("backend.kernel", kernel, f"allowed for backend=jax: {', '.join(KERNELS)}")
+        super().__init__(spec, weights, optimizer, batch_size, device, kernel=kernel, **options)
         if not isinstance(unroll, (int, np.integer)) or isinstance(unroll, bool) or unroll < 1:
             raise ConfigError("backend.unroll", unroll, "allowed: a positive integer (1: no unrolling)")
         for key, value in (("hoist", hoist), ("autodiff", autodiff)):
             if not isinstance(value, (bool, np.bool_)):
                 raise ConfigError(f"backend.{key}", value, "allowed: true, false")
-        if kernel != "scan":
+        variant = "scan.hoisted" if hoist else ("scan.autodiff" if autodiff else "scan")
+        # the layer stacks (LAYER_STACKS keys) of the training and the evaluation kernel
+        self._kernel, self._eval = (self._stack(k, variant) for k in (self.kernel_option, self.eval_kernel))
+        if self._kernel in FLAX_KERNELS:
             try:
                 import flax.linen  # noqa: F401
             except ImportError as err:
                 raise ConfigError("backend.kernel", kernel,
                                   f"needs flax ({err}); pip install 'resetbench[jax]'") from None
-        # what eval runs, for every kernel
-        self._exact = "scan.hoisted" if hoist else ("scan.autodiff" if autodiff else "scan")
-        self._kernel = self._exact if kernel == "scan" else kernel
         self.unroll = int(unroll)
         self.kernel = KERNEL_NAMES[self._kernel] + ("" if self.unroll == 1 else f".unroll{self.unroll}")
         self.dev, self.device = resolve_device(device)
@@ -233,6 +232,15 @@ class JaxBackend(Backend):
         self.compile_count = 0
         self.reset_state(batch_size)
 
+    @staticmethod
+    def _stack(kernel: Any, variant: str) -> str:
+        """The LAYER_STACKS key of ``kernel`` (``scan``: the ``hoist``/``autodiff`` ``variant``);
+        ConfigError for a kernel this adapter does not implement."""
+        implemented = list(dict.fromkeys(k.split(".")[0] for k in LAYER_STACKS))
+        if kernel not in implemented:
+            raise ConfigError("backend.kernel", kernel, f"allowed for backend=jax: {', '.join(implemented)}")
+        return variant if kernel == "scan" else kernel
+
     # -- compiled steps --------------------------------------------------------------------------
     def _put(self, arr: np.ndarray) -> jax.Array:
         return jax.device_put(arr, self.dev)
@@ -240,8 +248,8 @@ class JaxBackend(Backend):
     def _step_fns(self) -> Dict[str, Tuple[Callable, Tuple[int, ...]]]:
         """Kind -> (pure function, donated argument numbers). Arguments: params, [opt_state,]
         h, c, x, y, mask, reset (forward: no y). Train, grads and forward run the configured
-        kernel; eval always runs the exact ``scan`` (see the module docstring)."""
-        L, U, K, E = self.spec.layers, self.unroll, self._kernel, self._exact
+        kernel; eval runs ``self.eval_kernel`` (see the module docstring)."""
+        L, U, K, E = self.spec.layers, self.unroll, self._kernel, self._eval
         tx, clip = self._tx, self.optimizer.clip_norm
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -285,19 +293,15 @@ class JaxBackend(Backend):
             self.compile_count += 1
         return self._compiled[key]
 
-    def _batch(self, batch: Batch, fields: str = "x y mask reset", kernel: Optional[str] = None
-               ) -> Tuple[jax.Array, ...]:
+    def _batch(self, batch: Batch, fields: str = "x y mask reset", train: bool = True) -> Tuple[jax.Array, ...]:
         """The batch's ``fields`` on the device, after checking its rows against the carried state
-        and its layout against ``kernel`` (default: the configured one)."""
+        and, for the training kernel (``train``), its layout against the kernel's ``needs``."""
         B = batch.x.shape[0]
         if B != self.h.shape[1]:
             raise ValueError(f"batch has {B} rows but the carried state has {self.h.shape[1]}; "
                              f"call reset_state({B}) first")
-        kernel = self._kernel if kernel is None else kernel
-        if kernel == "native":
-            check_no_mid_reset(batch, kernel)
-        elif kernel == "peer":
-            padded_lengths(batch, kernel)
+        if train:
+            self.check_batch(batch)
         arrays = tuple(np.ascontiguousarray(getattr(batch, f)) for f in fields.split())
         return jax.device_put(arrays, self.dev)
 
@@ -328,7 +332,7 @@ class JaxBackend(Backend):
         return np.asarray(logits)
 
     def eval_step(self, batch: Batch) -> float:
-        data = self._batch(batch, kernel=self._exact)
+        data = self._batch(batch, train=False)
         total, self.h, self.c = self._executable("eval", *batch.x.shape)(
             self.params, self.h, self.c, *data)
         return float(total)
@@ -360,8 +364,15 @@ class JaxBackend(Backend):
 
         out = {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "optax": optax.__version__,
                "numpy": np.__version__}
-        if self._kernel in BASELINE_KERNELS:
+        if self._kernel in FLAX_KERNELS:
             import flax
 
             out["flax"] = flax.__version__
         return out
+
+    def matmul(self, m: int, k: int, n: int):
+        mm = jax.jit(jnp.matmul)
+        a = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (m, k), F32), self.dev)
+        b = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (k, n), F32), self.dev)
+        mm(a, b).block_until_ready()
+        return lambda: mm(a, b).block_until_ready()

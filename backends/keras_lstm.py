@@ -16,8 +16,9 @@ as variables).
 Options (``conf/backend/keras.yaml``): ``kernel``, ``jit_compile`` (``auto``/``true``/``false``),
 ``loop`` (the layer's time-loop implementation), ``threads``.
 
-Kernels (``kernel``; recorded as ``keras.{xla,tf_function}[.LOOP]`` for ``reset``, and with
-``.native.LSTM`` / ``.peer.LSTM_mask`` for the baselines, ``backends.base.BASELINE_KERNELS``):
+Kernels (``kernel``, declared in ``conf/backend/keras.yaml``; recorded as
+``keras.{xla,tf_function}[.LOOP]`` for ``reset``, and with ``.native.LSTM`` / ``.peer.LSTM_mask``
+for the baselines):
 
 - ``reset`` (exact): the ResetLSTM layers above.
 - ``native``: Keras's built-in ``keras.layers.LSTM`` (its own ``tf.while_loop`` with TensorFlow's
@@ -31,8 +32,9 @@ Kernels (``kernel``; recorded as ``keras.{xla,tf_function}[.LOOP]`` for ``reset`
 
 Both baselines are the same model as ``reset`` with ``keras.layers.LSTM`` in place of ResetLSTM
 (same weights in canonical keys: Keras's LSTM layout and gate order are the contract's), the same
-loss, tape and optimizer. Their ``eval_step`` runs the reset-aware loop on the same weights,
-because the eval set is packed streams (contract: every sequence from a zero state).
+loss, tape and optimizer. Each batch is checked on the host for the layout properties the kernel
+declares (``needs``). Their ``eval_step`` runs ``self.eval_kernel`` (``reset``: the reset-aware loop
+on the same weights), because the eval set is packed streams (every sequence from a zero state).
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from backends.base import (BASELINE_KERNELS, Backend, Batch, ConfigError, ModelSpec, OptimizerSpec,
-                           canonical_shapes, check_no_mid_reset, check_weights, padded_lengths)
+from backends.base import (Backend, Batch, ConfigError, ModelSpec, OptimizerSpec, canonical_shapes,
+                           check_weights)
 
 
 def _prepare_environment() -> None:
@@ -169,6 +171,10 @@ def resolve_device(device: str) -> str:
     return device
 
 
+# the kernels this adapter implements (backend.kernel) -> their suffix of the recorded ``kernel``
+KERNEL_SUFFIXES = {"reset": "", "native": ".native.LSTM", "peer": ".peer.LSTM_mask"}
+
+
 def _parse_jit(value: Any) -> Any:
     """``auto``, ``true`` or ``false`` (YAML booleans or strings) -> "auto", True or False."""
     if isinstance(value, str):
@@ -183,14 +189,14 @@ class KerasBackend(Backend):
     kernels), compiled train step, Adam or SGD, clipping."""
 
     name = "keras"
-    KERNELS = ("reset",) + BASELINE_KERNELS
 
     def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optimizer: OptimizerSpec,
                  batch_size: int, device: str = "auto", kernel: str = "reset", jit_compile: Any = "auto",
                  loop: str = "auto", threads: Optional[int] = None, **options: Any):
-        super().__init__(spec, weights, optimizer, batch_size, device, **options)
-        if kernel not in self.KERNELS:
-            raise ConfigError("backend.kernel", kernel, f"allowed for backend=keras: {', '.join(self.KERNELS)}")
+        super().__init__(spec, weights, optimizer, batch_size, device, kernel=kernel, **options)
+        for k in (self.kernel_option, self.eval_kernel):
+            if k not in KERNEL_SUFFIXES:
+                raise ConfigError("backend.kernel", k, f"allowed for backend=keras: {', '.join(KERNEL_SUFFIXES)}")
         if optimizer.name not in ("adam", "sgd"):
             raise ConfigError("train.optimizer", optimizer.name, "allowed: adam, sgd")
         if loop not in IMPLEMENTATIONS or loop == "unroll":
@@ -198,7 +204,6 @@ class KerasBackend(Backend):
         if kernel != "reset" and loop != "auto":
             raise ConfigError("backend.loop", loop, f"ResetLSTM's loop; kernel={kernel} runs keras.layers.LSTM's "
                               f"own loop: leave loop=auto")
-        self.baseline = kernel if kernel != "reset" else None
         _configure_runtime(threads)
         self.device = resolve_device(device)
         self._tf_device = "/GPU:0" if self.device == "cuda" else "/CPU:0"
@@ -214,12 +219,20 @@ class KerasBackend(Backend):
         # loop=scan cannot compile under XLA, so auto means graph mode there.
         self.jit = (loop != "scan") if jit == "auto" else bool(jit)
         self.loop = "tf_bptt" if loop == "auto" else loop
-        # the train step's compilation (the baselines' eval step runs the reset-aware loop,
-        # compiled as self.jit)
-        self.train_jit = self._baseline_jit(jit) if self.baseline else self.jit
+        # the train and eval steps' compilation: the reset-aware loop as self.jit, keras.layers.LSTM
+        # as _baseline_jit says
+        self.train_jit, self.eval_jit = (self.jit if k == "reset" else self._baseline_jit(jit)
+                                         for k in (self.kernel_option, self.eval_kernel))
         self.kernel = ("keras.xla" if self.train_jit else "keras.tf_function") + (
-            {"native": ".native.LSTM", "peer": ".peer.LSTM_mask"}.get(kernel, "")
-            or ("" if self.loop == "tf_bptt" else f".{self.loop}"))
+            KERNEL_SUFFIXES[kernel] or ("" if self.loop == "tf_bptt" else f".{self.loop}"))
+        self._build_model(weights)
+        self._build_functions()
+        self.reset_state(batch_size)
+
+    def _build_model(self, weights: Mapping[str, np.ndarray]) -> None:
+        """The layers (``_make_lstm``: the training kernel's LSTM) from canonical ``weights``, their
+        variables by canonical key, and the optimizer's slots, on this backend's device."""
+        spec = self.spec
         L, H, E, V = spec.layers, spec.hidden, spec.embed, spec.vocab
         with tf.device(self._tf_device):
             self.embedding = keras.layers.Embedding(V, E, name="embedding")
@@ -247,8 +260,6 @@ class KerasBackend(Backend):
             self._m = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self._tvars]
             self._v = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self._tvars]
             self._t = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self._build_functions()
-        self.reset_state(batch_size)
 
     def _baseline_jit(self, jit: Any) -> bool:
         """jit_compile=auto for kernel=native/peer: XLA on a CPU, measured there (2 cores, B=32,
@@ -263,24 +274,25 @@ class KerasBackend(Backend):
     def _make_lstm(self, layer: int):
         """Layer ``layer``'s LSTM: the one place where the kernels' models differ."""
         H, name = self.spec.hidden, f"lstm_{layer}"
-        if self.baseline:
+        if self.kernel_option != "reset":
             return keras.layers.LSTM(H, return_sequences=True, return_state=True, name=name)
         return ResetLSTM(H, return_state=True, implementation=self.loop, name=name)
 
-    def _logits(self, x, mask, reset, h0, c0, exact: bool = False):
-        """Logits and final state. ``exact``: the reset-aware loop also on a baseline kernel's
-        keras.layers.LSTM weights (its eval step)."""
+    def _logits(self, x, mask, reset, h0, c0, kernel: str):
+        """Logits and final state with ``kernel``: ``reset`` runs the reset-aware loop (the
+        ResetLSTM layers, or the same loop on keras.layers.LSTM's weights: a baseline's eval step),
+        ``native`` and ``peer`` keras.layers.LSTM (``peer`` with a padding mask)."""
         inp = self.embedding(x)
         hs, cs = [], []
         keep = 1.0 - tf.cast(reset[:, :1], tf.float32)        # [B, 1]: the column-0 resets
         seq_mask = None
-        if self.baseline == "peer":
+        if kernel == "peer":
             lengths = tf.reduce_sum(tf.cast(mask > 0, tf.int32), axis=1)   # checked on the host
             seq_mask = tf.sequence_mask(lengths, tf.shape(x)[1])
         for layer, lstm in enumerate(self.lstms):
             if isinstance(lstm, ResetLSTM):
                 inp, h, c = lstm(inp, reset, initial_state=(h0[layer], c0[layer]))
-            elif exact:
+            elif kernel == "reset":
                 inp, h, c = reset_lstm(inp, reset, h0[layer], c0[layer], lstm.cell.kernel,
                                        lstm.cell.recurrent_kernel, lstm.cell.bias, self.loop)
             else:
@@ -294,7 +306,7 @@ class KerasBackend(Backend):
         return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
 
     def _loss(self, x, y, mask, reset, h0, c0):
-        logits, h, c = self._logits(x, mask, reset, h0, c0)
+        logits, h, c = self._logits(x, mask, reset, h0, c0, self.kernel_option)
         loss = tf.reduce_sum(self._ce(logits, y) * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
         return loss, h, c
 
@@ -339,28 +351,25 @@ class KerasBackend(Backend):
             return loss, h, c
 
         def evaluate(x, y, mask, reset, h0, c0):
-            logits, h, c = self._logits(x, mask, reset, h0, c0, exact=True)
+            logits, h, c = self._logits(x, mask, reset, h0, c0, self.eval_kernel)
             return tf.reduce_sum(self._ce(logits, y) * mask), h, c
 
         def forward(x, mask, reset, h0, c0):
-            return self._logits(x, mask, reset, h0, c0)
+            return self._logits(x, mask, reset, h0, c0, self.kernel_option)
 
         # train and eval steps: XLA if chosen (XLA compiles once per (B, T); see precompile).
         # forward and gradients serve the tests, which feed many shapes: graph mode only, so the
         # tests do not pay one XLA compile per shape (train_step's numerics under XLA are checked
         # by the conformance tests through the weights after several steps).
         self._train_fn = tf.function(train, input_signature=sig_batch + sig_state, jit_compile=self.train_jit)
-        self._eval_fn = tf.function(evaluate, input_signature=sig_batch + sig_state, jit_compile=self.jit)
+        self._eval_fn = tf.function(evaluate, input_signature=sig_batch + sig_state, jit_compile=self.eval_jit)
         self._grad_fn = tf.function(self._grads, input_signature=sig_batch + sig_state, jit_compile=False)
         self._fwd_fn = tf.function(forward, input_signature=[ids] + sig_batch[2:] + sig_state, jit_compile=False)
 
     def _args(self, batch: Batch):
         """The batch's arrays for the train, gradient and forward functions, after the host-side
-        layout check of a baseline kernel (ValueError: see backends.base)."""
-        if self.baseline == "native":
-            check_no_mid_reset(batch, "native")
-        elif self.baseline == "peer":
-            padded_lengths(batch, "peer")
+        check of the layout properties the kernel needs (ValueError: see backends.base)."""
+        self.check_batch(batch)
         return (batch.x, batch.y, batch.mask, batch.reset)
 
     # -- protocol ------------------------------------------------------------------------------
@@ -381,7 +390,7 @@ class KerasBackend(Backend):
         return logits.numpy()
 
     def eval_step(self, batch: Batch) -> float:
-        with tf.device(self._tf_device):   # every kernel: the reset-aware loop (packed eval set)
+        with tf.device(self._tf_device):   # self.eval_kernel: an exact one (packed eval set)
             total, self._h, self._c = self._eval_fn(batch.x, batch.y, batch.mask, batch.reset, self._h, self._c)
         return float(total)
 
@@ -439,3 +448,14 @@ class KerasBackend(Backend):
 
     def versions(self) -> Dict[str, str]:
         return {"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__}
+
+    def matmul(self, m: int, k: int, n: int):
+        mm = tf.function(tf.linalg.matmul, jit_compile=False)
+        with tf.device(self._tf_device):
+            a, b = tf.random.normal((m, k)), tf.random.normal((k, n))
+            mm(a, b).numpy()
+
+        def run() -> None:
+            with tf.device(self._tf_device):
+                mm(a, b).numpy()
+        return run

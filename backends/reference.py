@@ -191,8 +191,12 @@ class NumpyBackend(Backend):
     kernel = "numpy.loop"
 
     def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optimizer: OptimizerSpec,
-                 batch_size: int, device: str = "auto", dtype: str = "float32", **options: Any):
-        super().__init__(spec, weights, optimizer, batch_size, device, **options)
+                 batch_size: int, device: str = "auto", kernel: str = "loop", dtype: str = "float32",
+                 **options: Any):
+        super().__init__(spec, weights, optimizer, batch_size, device, kernel=kernel, **options)
+        for k in (self.kernel_option, self.eval_kernel):
+            if k != "loop":                     # the one kernel: the time loop of forward/backward
+                raise ConfigError("backend.kernel", k, f"allowed for backend={self.name}: loop")
         if device not in ("auto", "cpu"):
             raise ConfigError("device", device, "backend=numpy runs on the CPU only: use auto or cpu")
         self.device = "cpu"
@@ -206,9 +210,11 @@ class NumpyBackend(Backend):
         return logits, cache
 
     def forward(self, batch: Batch) -> np.ndarray:
+        self.check_batch(batch)                 # the layout properties the kernel needs (none here)
         return self._run(batch)[0]
 
     def gradients(self, batch: Batch) -> Tuple[float, Weights]:
+        self.check_batch(batch)
         logits, cache = self._run(batch)
         ce, probs = cross_entropy(logits, batch.y)
         return masked_mean(ce, batch.mask), backward(self.w, batch, cache, probs, self.spec)

@@ -22,11 +22,12 @@ export are copies. Kernels (``backend.kernel``, recorded as ``kernel`` in ``summ
   several times slower).
 - ``compile``: the loop under ``torch.compile``, one graph per window shape, built in
   :meth:`TorchBackend.precompile`.
-- Baselines (``backends.base.BASELINE_KERNELS``): ``native`` is the plain fused kernel (no
-  mid-window reset possible); ``peer`` is ``nn.LSTM``'s kernel over ``pack_padded_sequence``,
-  what a torch user writes for variable-length batches (padded layout only). Both train only;
-  ``eval_step`` runs the exact ``fused`` kernel on the same weights, because evaluation feeds
-  packed eval streams (every sequence from a zero state) to every kernel.
+- Baselines (roles ``native`` and ``peer`` in ``conf/backend/torch.yaml``): ``native`` is the
+  plain fused kernel (no mid-window reset possible); ``peer`` is ``nn.LSTM``'s kernel over
+  ``pack_padded_sequence``, what a torch user writes for variable-length batches. Each batch is
+  checked for the layout properties the kernel declares (``needs``). Both train only;
+  ``eval_step`` runs ``self.eval_kernel`` (the default, exact ``fused``) on the same weights,
+  because evaluation feeds packed eval streams (every sequence from a zero state) to every kernel.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ import torch.nn.functional as F
 
 from resetbench.torch_layers import (layer_loop, lstm_cell, lstm_layers_fused_grouped, lstm_layers_loop,
                                      lstm_layers_packed)
-from backends.base import (BASELINE_KERNELS, Backend, Batch, ConfigError, ModelSpec, OptimizerSpec,
-                           check_no_mid_reset, padded_lengths)
+from backends.base import Backend, Batch, ConfigError, ModelSpec, OptimizerSpec, row_lengths
 
-KERNELS = ("fused", "loop", "compile", "native", "peer")
-LOOP_KERNELS = ("loop", "compile")
+# the kernels this adapter implements (backend.kernel) -> the name recorded as ``kernel``
+KERNEL_NAMES = {"fused": "torch.fused", "loop": "torch.loop", "compile": "torch.compile",
+                "native": "torch.native.nn_LSTM", "peer": "torch.peer.pack_padded_sequence"}
 _COMPILED: Dict[str, Any] = {}
 
 
@@ -74,17 +75,17 @@ class TorchBackend(Backend):
     def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optimizer: OptimizerSpec,
                  batch_size: int, device: str = "auto", kernel: str = "fused",
                  threads: Optional[int] = None, **options: Any):
-        super().__init__(spec, weights, optimizer, batch_size, device, **options)
-        if kernel not in KERNELS:
-            raise ConfigError("backend.kernel", kernel, f"allowed for backend=torch: {', '.join(KERNELS)}")
+        super().__init__(spec, weights, optimizer, batch_size, device, kernel=kernel, **options)
+        for k in (self.kernel_option, self.eval_kernel):
+            if k not in KERNEL_NAMES:
+                raise ConfigError("backend.kernel", k, f"allowed for backend=torch: {', '.join(KERNEL_NAMES)}")
         if threads is not None:
             torch.set_num_threads(int(threads))
         self.dev = resolve_device(device)
         self.device = self.dev.type
-        self.kernel_option = kernel
-        self.kernel = {"native": "torch.native.nn_LSTM", "peer": "torch.peer.pack_padded_sequence"}.get(
-            kernel, f"torch.{kernel}")
-        self._loop = _compiled_loop() if kernel == "compile" else None     # None: the eager loop
+        self.kernel = KERNEL_NAMES[kernel]
+        self._compiled = "compile" in (self.kernel_option, self.eval_kernel)
+        self._loop = _compiled_loop() if self._compiled else None         # None: the eager loop
         self.p = {k: torch.nn.Parameter(torch.tensor(np.asarray(v, np.float32), device=self.dev))
                   for k, v in weights.items()}
         params = list(self.p.values())
@@ -109,25 +110,24 @@ class TorchBackend(Backend):
         return [(self.p[f"lstm.{l}.w_x"], self.p[f"lstm.{l}.w_h"], self.p[f"lstm.{l}.b"])
                 for l in range(self.spec.layers)]
 
-    def _layers(self, inp: torch.Tensor, batch: Batch, exact: bool = False):
-        """All LSTM layers from the carried state with the chosen kernel: outputs, final h, c.
-        ``exact``: the baselines (native, peer) hand over to the reset-aware fused kernel (for
-        evaluation, which runs packed eval streams with mid-window resets on every kernel)."""
-        kernel = self.kernel_option
-        if exact and kernel in BASELINE_KERNELS:
-            kernel = "fused"
-        if kernel in LOOP_KERNELS:
+    def _layers(self, inp: torch.Tensor, batch: Batch, kernel: str):
+        """All LSTM layers from the carried state with ``kernel``: outputs, final h, c. ``native``
+        is the fused kernel on windows whose only resets are at column 0 (checked by
+        :meth:`check_batch`), where it is one plain fused call."""
+        if kernel in ("loop", "compile"):
             return lstm_layers_loop(inp, torch.from_numpy(batch.reset).to(self.dev), self.h, self.c,
-                                    self._lstm_weights(), self._loop)
+                                    self._lstm_weights(), self._loop if kernel == "compile" else None)
         if kernel == "peer":
-            return lstm_layers_packed(inp, padded_lengths(batch, "peer"), self.h, self.c, self._lstm_weights())
-        if kernel == "native":
-            check_no_mid_reset(batch, "native")
+            return lstm_layers_packed(inp, row_lengths(batch), self.h, self.c, self._lstm_weights())
         return lstm_layers_fused_grouped(inp, batch.reset, self.h, self.c, self._lstm_weights())
 
-    def _logits(self, x: torch.Tensor, batch: Batch, exact: bool = False) -> torch.Tensor:
-        """Forward from the carried state; stores the (detached) final state."""
-        out, h, c = self._layers(F.embedding(x, self.p["embedding"]), batch, exact)
+    def _logits(self, x: torch.Tensor, batch: Batch, kernel: Optional[str] = None) -> torch.Tensor:
+        """Forward from the carried state with ``kernel`` (default: the training kernel, after
+        checking the batch's layout); stores the (detached) final state."""
+        if kernel is None:
+            self.check_batch(batch)
+            kernel = self.kernel_option
+        out, h, c = self._layers(F.embedding(x, self.p["embedding"]), batch, kernel)
         self.h, self.c = h.detach(), c.detach()
         return torch.matmul(out, self.p["head.w"]) + self.p["head.b"]
 
@@ -179,7 +179,7 @@ class TorchBackend(Backend):
     @torch.no_grad()
     def eval_step(self, batch: Batch) -> float:
         x, y, mask = self._to_device(batch)
-        return float((self._ce(self._logits(x, batch, exact=True), y) * mask).sum())
+        return float((self._ce(self._logits(x, batch, self.eval_kernel), y) * mask).sum())
 
     def get_state(self) -> Tuple[np.ndarray, np.ndarray]:
         return self.h.cpu().numpy().copy(), self.c.cpu().numpy().copy()
@@ -195,11 +195,13 @@ class TorchBackend(Backend):
     def precompile(self, train_shapes, eval_shapes=()) -> None:
         """For ``kernel=compile``: build the forward+backward graphs of every train shape and the
         no-grad graph of every eval shape on dummy tensors (weights, optimizer and state untouched)."""
-        if self.kernel_option != "compile":
+        if not self._compiled:
             return
         H = self.spec.hidden
         w_h = self.p["lstm.0.w_h"].detach().clone().requires_grad_(True)
-        for shapes, grad in ((train_shapes, True), (eval_shapes, False)):
+        for shapes, grad, kernel in ((train_shapes, True, self.kernel_option), (eval_shapes, False, self.eval_kernel)):
+            if kernel != "compile":
+                continue
             for B, T in shapes:
                 with torch.set_grad_enabled(grad):
                     xp = torch.zeros(B, T, 4 * H, device=self.dev, requires_grad=grad)
@@ -220,3 +222,11 @@ class TorchBackend(Backend):
 
     def versions(self) -> Dict[str, str]:
         return {"torch": torch.__version__, "numpy": np.__version__}
+
+    def matmul(self, m: int, k: int, n: int):
+        a, b = torch.randn(m, k, device=self.dev), torch.randn(k, n, device=self.dev)
+
+        def run() -> None:
+            torch.matmul(a, b)
+            self.synchronize()
+        return run

@@ -16,7 +16,7 @@ import math
 import numbers
 import os
 import re
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from backends.base import VOCAB, ConfigError, ModelSpec, OptimizerSpec, canonical_shapes
 from backends.cells import cell_names
@@ -207,8 +207,18 @@ def check_keys(cfg: Mapping[str, Any]) -> None:
         _check_nested_keys(group, cfg[group], declared, f"{group}={name}")
         for meta in registry.META_KEYS:
             if meta != "name" and meta in cfg[group] and cfg[group][meta] != declared.get(meta):
-                raise ConfigError(f"{group}.{meta}", cfg[group][meta], f"metadata of conf/{group}/{name}.yaml, "
-                                  f"not an option")
+                key, value = _first_difference(f"{group}.{meta}", cfg[group][meta], declared.get(meta))
+                raise ConfigError(key, value, f"metadata of conf/{group}/{name}.yaml, not an option")
+
+
+def _first_difference(key: str, got: Any, want: Any) -> Tuple[str, Any]:
+    """The dotted key and value of the first leaf where ``got`` differs from ``want`` (so an
+    override of one field of a nested mapping such as ``kernels`` is named by itself)."""
+    if isinstance(got, Mapping) and isinstance(want, Mapping):
+        for k in got:
+            if k not in want or got[k] != want[k]:
+                return _first_difference(f"{key}.{k}", got[k], want.get(k))
+    return key, got
 
 
 def check_options(cfg: Mapping[str, Any]) -> None:
@@ -219,25 +229,32 @@ def check_options(cfg: Mapping[str, Any]) -> None:
         check_schema(group, cfg[group], schema)
 
 
+def kernel_problem(decl: registry.KernelDecl, cell: str, strategy: str,
+                   guarantees: Mapping[str, Sequence[str]]) -> Optional[str]:
+    """Why kernel ``decl`` cannot train ``model.cell=cell`` on ``strategy`` (None if it can): the
+    cell must be one it implements, and its ``needs`` must be among the strategy's ``guarantees``
+    (``guarantees``: every strategy's, to name those that would do)."""
+    if cell not in decl.cells:
+        return f"implements cells {', '.join(decl.cells) or '(none)'}, not model.cell={cell}"
+    missing = [p for p in decl.needs if p not in guarantees.get(strategy, ())]
+    if not missing:
+        return None
+    able = [s for s, props in guarantees.items() if set(decl.needs) <= set(props)]
+    return (f"needs {', '.join(missing)}, which strategy={strategy} does not guarantee; "
+            + (f"strategies that do: {', '.join(able)}" if able else "no strategy does"))
+
+
 def check_kernel(cfg: Mapping[str, Any]) -> None:
-    """``backend.kernel`` must be one the backend config declares; the baseline kernels run only
-    the layouts they can: ``native`` has no mid-window reset (not packed), ``peer`` is padded."""
+    """``backend.kernel`` must be declared by the backend's file, implement ``model.cell``, and
+    need only layout properties the chosen strategy guarantees (docs/spec.md sections 4 and 7)."""
     backend = cfg.get("backend", {})
     if "kernel" not in backend:
         return
-    kernels = registry.kernel_options(registry.group_config("backend", backend["name"]))
-    allowed = kernels["exact"] + kernels["baseline"]
-    kernel = backend["kernel"]
-    if kernel not in allowed:
-        raise ConfigError("backend.kernel", kernel, f"allowed for backend={backend['name']}: {', '.join(allowed)}")
-    strategy = _get(cfg, "strategy.name")
-    if kernel == "native" and strategy == "packed":
-        raise ConfigError("backend.kernel", kernel, "the native LSTM cannot reset mid-window, so it cannot run "
-                          "strategy=packed; use strategy=padded or reset_all, or a reset-aware kernel: "
-                          f"{', '.join(kernels['exact'])}")
-    if kernel == "peer" and strategy != "padded":
-        raise ConfigError("backend.kernel", kernel, f"the peer baseline consumes the padded layout only; "
-                          f"use strategy=padded (got strategy={strategy})")
+    decl = registry.kernel_decl(backend, backend["kernel"])
+    problem = kernel_problem(decl, str(_get(cfg, "model.cell")), _get(cfg, "strategy.name"),
+                             registry.strategy_guarantees())
+    if problem:
+        raise ConfigError("backend.kernel", decl.name, problem)
 
 
 def check_backend_combinations(cfg: Mapping[str, Any]) -> None:

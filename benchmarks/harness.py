@@ -128,7 +128,8 @@ def run(cfg: Mapping[str, Any], out_dir: str, echo: Callable[[str], None] = prin
     os.makedirs(out_dir, exist_ok=True)
     summary = RunSummary.from_config(cfg).update(
         **_process_identity(), **environment(), **setup.dataset.summary(), peak_mem_per_run=peak_is_per_run,
-        started_at=_now(), load_avg_start=_load_avg(), eval_time_s=0.0)
+        started_at=_now(), load_avg_start=_load_avg(), eval_time_s=0.0,
+        kernel_role=registry.kernel_decl(cfg["backend"], cfg["backend"]["kernel"]).role)
     writer = RunWriter(out_dir)
     progress, timer, backend = Progress(), None, None
     try:

@@ -2,21 +2,26 @@
 
 ``python -m benchmarks.kernels`` runs, for each backend in its own subprocess (one framework per
 process), a full training step (forward, backward, clipping, Adam) of every kernel the backend
-declares (``exact_kernels`` and ``baseline_kernels`` in ``conf/backend/*.yaml``) over a grid of
-shapes (B, T, H) and reset densities (share of positions where a row resets), interleaved in
-rounds so that drift of this machine hits every kernel alike. It also measures the matmul peak
-through each framework (a large float32 matmul, and the model's own GEMM shapes). It writes
+declares (``kernels:`` in ``conf/backend/*.yaml``; by default every backend but the oracle and
+every kernel but those ``slow_to_build``) over a grid of shapes (B, T, H) and reset densities
+(share of positions where a row resets), interleaved in rounds so that drift of this machine hits
+every kernel alike. It also measures the matmul peak through each backend (its adapter's
+``matmul``, or NumPy's: a large float32 matmul, and the model's own GEMM shapes). This module
+imports no framework. It writes
 
 - ``results/tables/kernels.csv``: one tidy row per (backend, kernel, shape, density) with the
-  median tokens/s, ``reset_cost_ratio`` (tokens/s over the same backend's ``native`` kernel on
-  the same shape without resets) and ``peak_fraction`` (useful model FLOP/s over the best
-  framework's large-matmul GFLOP/s on this machine);
+  median tokens/s, ``kernel_role``, ``reset_cost_ratio`` (tokens/s over the same backend's kernel
+  with role ``native`` on the same shape without resets; NaN for a backend without one) and
+  ``peak_fraction`` (useful model FLOP/s over the best framework's large-matmul GFLOP/s here);
 - ``results/tables/matmul.csv``: GFLOP/s per framework and GEMM shape;
 - ``results/tables/kernels_env.json``: the environment of the run;
 - ``results/figures/kernels.png`` (via :func:`benchmarks.plots.kernels_figure`).
 
-The baselines run where they can: ``native`` on windows without resets, ``peer`` on full-length
-padded rows. Speed lives here, never in tests. ``--quick`` is a tiny grid for smoke tests.
+Each kernel runs the densities whose batches have the layout properties it ``needs`` (a kernel
+with ``no_mid_reset`` runs density 0 only: fresh full-length rows, no resets after column 0). A
+worker that fails or leaves a kernel without rows makes the command exit 1 with one line naming
+the backend, after writing the rows that did come. Speed lives here, never in tests. ``--quick``
+is a tiny grid for smoke tests.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from backends.base import BASELINE_KERNELS, Batch, ModelSpec, OptimizerSpec, init_weights
+from backends.base import Batch, ModelSpec, OptimizerSpec, check_layout, init_weights
 from benchmarks import registry
 from benchmarks.env import environment, malloc_state, tune_malloc
 
@@ -40,8 +45,6 @@ ROOT = registry.ROOT
 DENSITIES = (0.0, 0.01, 0.03, 0.1, 0.3)
 SHAPES = ((32, 64, 256), (64, 128, 512))     # (B, T, H); the issue's two target shapes
 BIG_MATMUL = 2048
-# left out by default: minutes of compilation per shape (add with --kernels torch:compile)
-DEFAULT_SKIP = {("torch", "compile")}
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -68,49 +71,12 @@ def random_batch(B: int, T: int, density: float, seed: int = 0) -> Batch:
                  np.ones((B, T), np.float32), reset)
 
 
-# --------------------------------------------------------------------------- matmul peak, per framework
-def _matmul_runner(framework: str, device: str) -> Callable[[int, int, int], Callable[[], None]]:
-    """``make(m, k, n)`` -> a no-argument call that runs one float32 matmul and waits for it."""
-    if framework == "torch":
-        import torch
-        dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-
-        def make(m, k, n):
-            a, b = torch.randn(m, k, device=dev), torch.randn(k, n, device=dev)
-
-            def run():
-                torch.matmul(a, b)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-            return run
-        return make
-    if framework == "jax":
-        import jax
-        import jax.numpy as jnp
-        mm = jax.jit(jnp.matmul)
-
-        def make(m, k, n):
-            a = jax.random.normal(jax.random.PRNGKey(0), (m, k), jnp.float32)
-            b = jax.random.normal(jax.random.PRNGKey(1), (k, n), jnp.float32)
-            mm(a, b).block_until_ready()
-            return lambda: mm(a, b).block_until_ready()
-        return make
-    if framework == "keras":
-        from backends.keras_lstm import tf
-        mm = tf.function(tf.linalg.matmul, jit_compile=False)
-
-        def make(m, k, n):
-            a, b = tf.random.normal((m, k)), tf.random.normal((k, n))
-            mm(a, b).numpy()
-            return lambda: mm(a, b).numpy()
-        return make
-    if framework == "numpy":
-        def make(m, k, n):
-            a = np.random.default_rng(0).standard_normal((m, k), np.float32)
-            b = np.random.default_rng(1).standard_normal((k, n), np.float32)
-            return lambda: a @ b
-        return make
-    raise ValueError(f"no matmul runner for {framework}")
+# --------------------------------------------------------------------------- matmul peak
+def numpy_matmul(m: int, k: int, n: int) -> Callable[[], None]:
+    """One float32 ``[m, k] x [k, n]`` matmul in NumPy: the peak of a backend without ``matmul``."""
+    a = np.random.default_rng(0).standard_normal((m, k), np.float32)
+    b = np.random.default_rng(1).standard_normal((k, n), np.float32)
+    return lambda: a @ b
 
 
 def matmul_gflops(run: Callable[[], None], flops: float, min_time: float = 0.3, repeats: int = 5) -> float:
@@ -146,6 +112,70 @@ def time_steps(step: Callable[[Batch], object], sync: Callable[[], None], batch:
     return times
 
 
+ADAM = OptimizerSpec("adam", 2e-3, clip_norm=1.0)
+
+
+def matmul_rows(backend: str, be, shapes: Sequence[Tuple[int, int, int]], embed: int) -> List[dict]:
+    """GFLOP/s of a large square float32 matmul and of the model's GEMM shapes, through the
+    adapter's :meth:`backends.base.Backend.matmul` (``matmul_by``: the backend), or NumPy's."""
+    gemms = {f"square{BIG_MATMUL}": (BIG_MATMUL,) * 3}
+    for B, T, H in shapes:
+        gemms.update({f"{name}_B{B}_T{T}_H{H}": mkn for name, mkn in gemm_shapes(B, T, embed, H).items()})
+    rows = []
+    for gemm, (m, k, n) in gemms.items():
+        run, by = be.matmul(m, k, n), backend
+        if run is None:
+            run, by = numpy_matmul(m, k, n), "numpy"
+        rows.append({"kind": "matmul", "backend": backend, "matmul_by": by, "gemm": gemm, "m": m, "k": k, "n": n,
+                     "gflops": matmul_gflops(run, 2.0 * m * k * n)})
+    return rows
+
+
+def runs_on(batch: Batch, decl: registry.KernelDecl) -> bool:
+    """Whether ``batch`` has every layout property kernel ``decl`` needs."""
+    try:
+        check_layout(batch, decl.needs, decl.name)
+    except ValueError:
+        return False
+    return True
+
+
+def kernel_configs(cfg: dict, kernels: Sequence[str], shape: Tuple[int, int, int], embed: int,
+                   densities: Sequence[float], device: str) -> List[tuple]:
+    """``(declaration, density, backend, batch, precompile seconds)`` for every kernel and every
+    density whose batch the kernel can consume, each backend built and precompiled for ``shape``."""
+    B, T, H = shape
+    spec = ModelSpec(embed, H, 1)
+    weights = init_weights(spec, 0)
+    decls = registry.kernel_decls(cfg)
+    out = []
+    for kernel in kernels:
+        for d in densities:
+            batch = random_batch(B, T, d, seed=int(d * 1000) + 1)
+            if not runs_on(batch, decls[kernel]):
+                continue
+            be = registry.build_backend(cfg, spec, weights, ADAM, B, device=device, kernel=kernel)
+            t0 = time.perf_counter()
+            be.precompile([(B, T)])
+            out.append((decls[kernel], d, be, batch, time.perf_counter() - t0))
+    return out
+
+
+def kernel_row(backend: str, config: tuple, times: List[float], embed: int) -> dict:
+    """The kernels.csv row of one (kernel, density) config from its timed steps."""
+    decl, d, be, batch, compile_s = config
+    B, T = batch.x.shape
+    H = be.spec.hidden
+    step = statistics.median(times)
+    return {"kind": "kernel", "backend": backend, "kernel_option": decl.name, "kernel_role": decl.role,
+            "kernel": be.kernel, "device": be.device, "B": B, "T": T, "E": embed, "H": H, "density": d,
+            "mid_window_resets": int(batch.reset[:, 1:].sum()),
+            "max_resets_in_a_row": int(batch.reset[:, 1:].sum(1).max()),
+            "step_ms_median": step * 1e3, "tokens_per_s": B * T / step,
+            "model_gflops": model_flops(B, T, embed, H, 1) / step / 1e9, "steps_timed": len(times),
+            "precompile_s": compile_s}
+
+
 def worker(backend: str, kernels: Sequence[str], shapes: Sequence[Tuple[int, int, int]], densities: Sequence[float],
            embed: int, rounds: int, repeats: int, device: str, emit: Callable[[dict], None],
            tune: bool = True) -> None:
@@ -156,51 +186,30 @@ def worker(backend: str, kernels: Sequence[str], shapes: Sequence[Tuple[int, int
     if tune:
         tune_malloc()
     emit({"kind": "env", "backend": backend, "malloc": malloc_state()})
-    make_mm = _matmul_runner(backend, device)
-    n = BIG_MATMUL
-    emit({"kind": "matmul", "backend": backend, "gemm": f"square{n}", "m": n, "k": n, "n": n,
-          "gflops": matmul_gflops(make_mm(n, n, n), 2.0 * n ** 3)})
-    for B, T, H in shapes:
-        for name, (m, k, nn) in gemm_shapes(B, T, embed, H).items():
-            emit({"kind": "matmul", "backend": backend, "gemm": f"{name}_B{B}_T{T}_H{H}", "m": m, "k": k,
-                  "n": nn, "gflops": matmul_gflops(make_mm(m, k, nn), 2.0 * m * k * nn)})
-    for B, T, H in shapes:
-        spec = ModelSpec(embed, H, 1)
-        weights = init_weights(spec, 0)
-        configs = []     # (kernel option, density, backend, batch)
-        for kernel in kernels:
-            dens = [0.0] if kernel in BASELINE_KERNELS else densities
-            for d in dens:
-                be = registry.build_backend(cfg, spec, weights, OptimizerSpec("adam", 2e-3, clip_norm=1.0), B,
-                                            device=device, kernel=kernel)
-                batch = random_batch(B, T, d, seed=int(d * 1000) + 1)
-                t0 = time.perf_counter()
-                be.precompile([(B, T)])
-                configs.append((kernel, d, be, batch, time.perf_counter() - t0))
-        samples: Dict[int, List[float]] = {i: [] for i in range(len(configs))}
-        for r in range(rounds):
-            for i, (kernel, d, be, batch, _) in enumerate(configs):
+    small = ModelSpec(embed, 8, 1)
+    for row in matmul_rows(backend, registry.build_backend(cfg, small, init_weights(small, 0), ADAM, 1, device=device),
+                           shapes, embed):
+        emit(row)
+    for shape in shapes:
+        configs = kernel_configs(cfg, kernels, shape, embed, densities, device)
+        samples: List[List[float]] = [[] for _ in configs]
+        for r in range(rounds):                       # interleaved: drift hits every config alike
+            for i, (_, _, be, batch, _) in enumerate(configs):
                 samples[i] += time_steps(be.train_step, be.synchronize, batch, 3 if r == 0 else 1, repeats)
-        for i, (kernel, d, be, batch, compile_s) in enumerate(configs):
-            step = statistics.median(samples[i])
-            mid = batch.reset[:, 1:].sum()
-            emit({"kind": "kernel", "backend": backend, "kernel_option": kernel, "kernel": be.kernel,
-                  "device": be.device, "B": B, "T": T, "E": embed, "H": H, "density": d,
-                  "mid_window_resets": int(mid), "max_resets_in_a_row": int(batch.reset[:, 1:].sum(1).max()),
-                  "step_ms_median": step * 1e3, "tokens_per_s": B * T / step,
-                  "model_gflops": model_flops(B, T, embed, H, 1) / step / 1e9, "steps_timed": len(samples[i]),
-                  "precompile_s": compile_s})
+        for config, times in zip(configs, samples):
+            emit(kernel_row(backend, config, times, embed))
         del configs
 
 
 # --------------------------------------------------------------------------- the parent: tables and figure
 def derive(rows: List[dict]) -> Tuple[List[dict], List[dict]]:
-    """Split rows into kernel and matmul rows and add ``reset_cost_ratio`` and ``peak_fraction``."""
+    """Split rows into kernel and matmul rows and add ``reset_cost_ratio`` (over the same backend's
+    kernel with role ``native``, density 0, same shape; NaN without one) and ``peak_fraction``."""
     mm = [r for r in rows if r["kind"] == "matmul"]
     ker = [r for r in rows if r["kind"] == "kernel"]
     peak = max((r["gflops"] for r in mm if r["gemm"].startswith("square")), default=float("nan"))
     native = {(r["backend"], r["B"], r["T"], r["H"]): r["tokens_per_s"] for r in ker
-              if r["kernel_option"] == "native"}
+              if r.get("kernel_role") == "native" and r["density"] == 0}
     for r in ker:
         base = native.get((r["backend"], r["B"], r["T"], r["H"]))
         r["reset_cost_ratio"] = r["tokens_per_s"] / base if base else float("nan")
@@ -249,24 +258,25 @@ def _parse_shapes(text: str) -> List[Tuple[int, int, int]]:
 
 
 def _kernels_for(backend: str, chosen: Optional[Iterable[str]]) -> List[str]:
-    k = registry.kernel_options(registry.backend_configs()[backend])
-    declared = k["exact"] + k["baseline"]
-    if chosen:
-        picked = [c.split(":", 1)[1] for c in chosen if c.split(":", 1)[0] == backend]
-        bad = [p for p in picked if p not in declared]
-        if bad:
-            raise SystemExit(f"--kernels: {backend}:{bad[0]} is not a kernel of backend={backend}; "
-                             f"allowed: {', '.join(declared)}")
-        if picked:
-            return picked
-    return [x for x in declared if (backend, x) not in DEFAULT_SKIP]
+    """The kernels to measure for ``backend``: those picked with ``--kernels backend:kernel``, else
+    every declared one that is not ``slow_to_build``."""
+    decls = registry.kernel_decls(registry.backend_configs()[backend])
+    picked = [c.split(":", 1)[1] for c in chosen or () if c.split(":", 1)[0] == backend]
+    bad = [p for p in picked if p not in decls]
+    if bad:
+        raise SystemExit(f"--kernels: {backend}:{bad[0]} is not a kernel of backend={backend}; "
+                         f"allowed: {', '.join(decls)}")
+    return picked or [name for name, d in decls.items() if not d.slow_to_build]
 
 
-def main(argv=None) -> List[dict]:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked: ``shapes``, ``densities``, ``backends``, ``chosen`` (the
+    ``--kernels`` items), ``rounds`` and ``repeats`` added (``--quick`` applied)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--backends", default="torch,jax,keras")
+    ap.add_argument("--backends", default=",".join(registry.timed_backends()),
+                    help="backends, comma-separated (default: every registered one but the oracle)")
     ap.add_argument("--kernels", default="", help="backend:kernel,... to add or restrict (default: every "
-                    "declared kernel except torch script/compile)")
+                    "declared kernel that is not slow_to_build)")
     ap.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES), help="BxTxH,...")
     ap.add_argument("--densities", default=",".join(str(d) for d in DENSITIES))
     ap.add_argument("--embed", type=int, default=64)
@@ -281,68 +291,110 @@ def main(argv=None) -> List[dict]:
     ap.add_argument("--quick", action="store_true", help="tiny grid (smoke test): 8x16x32, densities 0 and 0.1")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    shapes = _parse_shapes("8x16x32" if args.quick else args.shapes)
+    args.shapes = _parse_shapes("8x16x32" if args.quick else args.shapes)
     try:
-        densities = [float(d) for d in ("0,0.1" if args.quick else args.densities).split(",")]
+        args.densities = [float(d) for d in ("0,0.1" if args.quick else args.densities).split(",")]
     except ValueError:
         raise SystemExit(f"--densities={args.densities!r}: give fractions separated by commas, e.g. 0,0.03") from None
-    if any(not 0 <= d < 1 for d in densities):
+    if any(not 0 <= d < 1 for d in args.densities):
         raise SystemExit(f"--densities={args.densities!r}: each must be in [0, 1)")
     known = registry.group_options("backend")
-    backends = [b for b in args.backends.split(",") if b]
-    for b in backends:
+    args.backends = [b for b in args.backends.split(",") if b]
+    for b in args.backends:
         if b not in known:
             raise SystemExit(f"--backends: {b!r} is not a backend; allowed: {', '.join(known)}")
-    chosen = [c for c in args.kernels.split(",") if c]
-    rounds, repeats = (1, 2) if args.quick else (args.rounds, args.repeats)
+    args.chosen = [c for c in args.kernels.split(",") if c]
+    args.rounds, args.repeats = (1, 2) if args.quick else (args.rounds, args.repeats)
+    return args
 
-    if args.worker:                               # child: one framework, rows as JSON lines on stdout
-        worker(args.worker, _kernels_for(args.worker, chosen), shapes, densities, args.embed, rounds, repeats,
-               args.device, lambda row: print("ROW " + json.dumps(row), flush=True), not args.default_malloc)
-        return []
 
-    env = environment()
-    print(f"env | {env.get('host_cpu')} x{env.get('host_cores')} | python {env.get('python_version')} | "
-          f"numpy {env.get('numpy_version')} | load {os.getloadavg()[0]:.2f}", flush=True)
+def run_worker(args: argparse.Namespace, backend: str, kernels: Sequence[str]) -> Tuple[int, List[dict], List[str]]:
+    """One backend's worker process: its exit code, the rows it printed, the tail of its output."""
+    cmd = [sys.executable, "-m", "benchmarks.kernels", "--worker", backend, "--shapes",
+           ",".join("x".join(map(str, s)) for s in args.shapes), "--densities", ",".join(map(str, args.densities)),
+           "--embed", str(args.embed), "--rounds", str(args.rounds), "--repeats", str(args.repeats),
+           "--device", args.device, "--kernels", ",".join(f"{backend}:{k}" for k in kernels)]
+    cmd += ["--default-malloc"] if args.default_malloc else []
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    return proc.returncode, rows, (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+
+
+def worker_failure(backend: str, code: int, rows: List[dict], kernels: Sequence[str]) -> Optional[str]:
+    """Why a backend's worker did not deliver (a non-zero exit, or a kernel without rows), or None."""
+    if code != 0:
+        return f"backend {backend} failed (exit {code})"
+    missing = [k for k in kernels if not any(r["kind"] == "kernel" and r["kernel_option"] == k for r in rows)]
+    if missing:
+        return f"backend {backend} left no rows for kernel {', '.join(missing)} (exit {code})"
+    return None
+
+
+def measure(args: argparse.Namespace, env: dict) -> Tuple[List[dict], List[str]]:
+    """Every backend's rows (one worker process each) and the failures, one line per backend."""
     rows: List[dict] = []
-    for b in backends:
-        kernels = _kernels_for(b, chosen)
-        cmd = [sys.executable, "-m", "benchmarks.kernels", "--worker", b, "--shapes",
-               ",".join("x".join(map(str, s)) for s in shapes), "--densities", ",".join(map(str, densities)),
-               "--embed", str(args.embed), "--rounds", str(rounds), "--repeats", str(repeats),
-               "--device", args.device, "--kernels", ",".join(f"{b}:{k}" for k in kernels)]
-        cmd += ["--default-malloc"] if args.default_malloc else []
+    failures: List[str] = []
+    for b in args.backends:
+        kernels = _kernels_for(b, args.chosen)
         print(f"[{b}] kernels {', '.join(kernels)} ...", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        got = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            print(f"[{b}] failed (exit {proc.returncode}); kept {len(got)} rows:\n  " + "\n  ".join(tail), flush=True)
+        code, got, tail = run_worker(args, b, kernels)
+        problem = worker_failure(b, code, got, kernels)
+        if problem:
+            failures.append(problem)
+            print(f"[{b}] {problem}; kept {len(got)} rows:\n  " + "\n  ".join(tail), flush=True)
         print(f"[{b}] {len(got)} rows in {time.perf_counter() - t0:.0f} s", flush=True)
         rows += [r for r in got if r["kind"] != "env"]
         env.setdefault("malloc_by_backend", {}).update({r["backend"]: r["malloc"] for r in got if r["kind"] == "env"})
+    return rows, failures
+
+
+def write_tables(out: str, ker: List[dict], mm: List[dict], env: dict, argv) -> None:
+    """kernels.csv, matmul.csv (each only if it has rows) and kernels_env.json into ``out``."""
+    os.makedirs(out, exist_ok=True)
+    for name, rows in (("kernels.csv", ker), ("matmul.csv", mm)):
+        if rows:
+            write_csv(os.path.join(out, name), rows)
+            print(f"wrote {os.path.join(out, name)} ({len(rows)} rows)")
+    env["load_avg_end"] = os.getloadavg()[0]
+    env["command"] = "python -m benchmarks.kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+    with open(os.path.join(out, "kernels_env.json"), "w") as fh:
+        json.dump(env, fh, indent=2, sort_keys=True)
+
+
+def draw(figures: str, ker: List[dict], mm: List[dict]) -> None:
+    """results/figures/kernels.png (a note instead when matplotlib is missing)."""
+    try:
+        from benchmarks.plots import kernels_figure
+    except ImportError as exc:                                       # matplotlib missing
+        print(f"no figure ({exc}); pip install -e '.[analysis]'")
+        return
+    os.makedirs(figures, exist_ok=True)
+    print(f"wrote {kernels_figure(ker, mm, os.path.join(figures, 'kernels.png'))}")
+
+
+def main(argv=None) -> List[dict]:
+    """The benchmark (or, with ``--worker``, one backend's worker). Returns the kernel rows; exits 1
+    with one line naming each backend whose worker failed, after writing the rows that came."""
+    args = parse_args(argv)
+    if args.worker:                               # child: one framework, rows as JSON lines on stdout
+        worker(args.worker, _kernels_for(args.worker, args.chosen), args.shapes, args.densities, args.embed,
+               args.rounds, args.repeats, args.device, lambda row: print("ROW " + json.dumps(row), flush=True),
+               not args.default_malloc)
+        return []
+    env = environment()
+    print(f"env | {env.get('host_cpu')} x{env.get('host_cores')} | python {env.get('python_version')} | "
+          f"numpy {env.get('numpy_version')} | load {os.getloadavg()[0]:.2f}", flush=True)
+    rows, failures = measure(args, env)
     ker, mm = derive(rows)
     for line in summary_lines(ker, mm):
         print(line)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        write_csv(os.path.join(args.out, "kernels.csv"), ker)
-        write_csv(os.path.join(args.out, "matmul.csv"), mm)
-        env["load_avg_end"] = os.getloadavg()[0]
-        env["command"] = "python -m benchmarks.kernels " + " ".join(argv if argv is not None else sys.argv[1:])
-        with open(os.path.join(args.out, "kernels_env.json"), "w") as fh:
-            json.dump(env, fh, indent=2, sort_keys=True)
-        print(f"wrote {os.path.join(args.out, 'kernels.csv')} and matmul.csv")
+        write_tables(args.out, ker, mm, env, argv)
     if args.figures and ker:
-        try:
-            from benchmarks.plots import kernels_figure
-        except ImportError as exc:                                       # matplotlib missing
-            print(f"no figure ({exc}); pip install -e '.[analysis]'")
-        else:
-            os.makedirs(args.figures, exist_ok=True)
-            path = kernels_figure(ker, mm, os.path.join(args.figures, "kernels.png"))
-            print(f"wrote {path}")
+        draw(args.figures, ker, mm)
+    if failures:
+        raise SystemExit("error: kernel benchmark: " + "; ".join(failures))
     return ker
 
 

@@ -61,10 +61,25 @@ def _truthy(col: pd.Series) -> pd.Series:
     return col.map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))
 
 
+def roles(df: pd.DataFrame) -> pd.Series:
+    """Each row's kernel role (``kernel_role``: exact, native, peer, from the backend's declaration).
+    Tables written before the column existed: ``peer`` for a ``kernel`` label with ``.peer.``,
+    ``native`` for one with ``.native.`` or a ``kernel_option`` of ``native``, else ``exact``."""
+    role = df["kernel_role"] if "kernel_role" in df.columns else pd.Series(np.nan, index=df.index, dtype=object)
+    missing = role.isna()
+    if missing.any():
+        label = df["kernel"].astype(str) if "kernel" in df.columns else pd.Series("", index=df.index)
+        option = df["kernel_option"].astype(str) if "kernel_option" in df.columns else pd.Series("", index=df.index)
+        old = np.where(label.str.contains(".peer.", regex=False) | (option == "peer"), "peer",
+                       np.where(label.str.contains(".native.", regex=False) | (option == "native"), "native", "exact"))
+        role = role.where(~missing, pd.Series(old, index=df.index))
+    return role.astype(str)
+
+
 def select(df: pd.DataFrame, experiment=None, complete: bool = True) -> pd.DataFrame:
     """Rows of one experiment, or of a tuple of them (all if None), completed runs only unless
-    ``complete`` is False. Runs of a framework's own variable-length baseline (a ``kernel`` with
-    ``.peer.``, i.e. ``backend.kernel=peer``) get ``strategy`` = ``peer``."""
+    ``complete`` is False. Runs of a framework's own variable-length baseline (``kernel_role`` peer,
+    i.e. ``backend.kernel=peer``; see :func:`roles` for older tables) get ``strategy`` = ``peer``."""
     if df is None or not len(df):
         return pd.DataFrame()
     out = df
@@ -73,8 +88,8 @@ def select(df: pd.DataFrame, experiment=None, complete: bool = True) -> pd.DataF
             return pd.DataFrame()
         wanted = (experiment,) if isinstance(experiment, str) else tuple(experiment)
         out = out[out["experiment"].isin(wanted)]
-    if "kernel" in out.columns and "strategy" in out.columns:
-        peer = out["kernel"].astype(str).str.contains(".peer.", regex=False)
+    if "strategy" in out.columns and len(out):
+        peer = roles(out) == "peer"
         if peer.any():
             out = out.copy()
             out.loc[peer, "strategy"] = "peer"
@@ -424,50 +439,78 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def kernels_figure(kernels, matmul, path: str) -> str:
-    """``kernels.png`` from ``python -m benchmarks.kernels``: left, each reset-aware kernel's
-    tokens/s over its framework's native no-reset LSTM (same shape) against reset density, with
-    the 0.9x target; right, useful model FLOP/s as a share of the best measured matmul peak."""
-    ker = _need(pd.DataFrame(kernels) if kernels is not None else None, "kernel benchmark rows (kernels.csv; "
-                "python -m benchmarks.kernels)", ["reset_cost_ratio"])
-    mm = pd.DataFrame(matmul) if matmul is not None else pd.DataFrame()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [1, 1], "wspace": 0.75})
-    exact = ker[~ker["kernel_option"].isin(["native", "peer"])]
-    shapes = sorted({(int(r.B), int(r.T), int(r.H)) for r in ker.itertuples()})
+def _density_lines(ax, rows: pd.DataFrame, column: str, shapes, colors: Dict) -> None:
+    """One line per (backend, kernel) and shape: ``column`` against reset density (in %)."""
     styles = ["-", "--", ":", "-."]
-    colors = {}
-    for (backend, kernel), g in exact.groupby(["backend", "kernel"]):
-        color = colors.setdefault((backend, kernel), f"C{len(colors)}")
+    for (backend, kernel), g in rows.groupby(["backend", "kernel"]):
+        color = colors.setdefault((backend, kernel), f"C{len(colors) % 10}")
         for shape, ls in zip(shapes, styles):
             sub = g[(g["B"] == shape[0]) & (g["T"] == shape[1]) & (g["H"] == shape[2])].sort_values("density")
             if len(sub):
-                ax1.plot(sub["density"] * 100, sub["reset_cost_ratio"], ls, marker="o", color=color,
-                         label=f"{kernel} B{shape[0]} T{shape[1]} H{shape[2]}")
-    ax1.axhline(1.0, color="grey", lw=0.8)
-    ax1.axhline(0.9, color="red", lw=0.8, ls="--", label="target 0.9x")
-    ax1.set_xscale("symlog", linthresh=1)
-    ax1.set_xlim(0, ker["density"].max() * 100 * 1.1 + 0.1)
-    ax1.set_xlabel("reset density (% of positions)")
-    ax1.set_ylabel("tokens/s / native no-reset LSTM's")
-    ax1.set_title("Cost of per-sample resets (full train step)")
-    ax1.legend(fontsize=7)
-    at3 = ker[(ker["density"].round(4) == 0.03) | ker["kernel_option"].isin(["native", "peer"])]
+                ax.plot(sub["density"] * 100, sub[column].astype(float), ls, marker="o", color=color,
+                        label=f"{kernel} B{shape[0]} T{shape[1]} H{shape[2]}")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(0, rows["density"].max() * 100 * 1.1 + 0.1)
+    ax.set_xlabel("reset density (% of positions)")
+    ax.legend(fontsize=7)
+
+
+def _peak_panel(ax, ker: pd.DataFrame, mm: pd.DataFrame) -> None:
+    """Bars: useful model FLOP/s as a share of the best matmul peak, exact kernels at 3% resets and
+    the baselines (no resets)."""
+    baseline = ker["role"] != "exact"
+    at3 = ker[(ker["density"].round(4) == 0.03) | baseline]
     labels, vals = [], []
     for r in at3.sort_values(["backend", "B", "kernel"]).itertuples():
-        tag = "no resets" if r.kernel_option in ("native", "peer") else "3% resets"
+        tag = "no resets" if r.role != "exact" else "3% resets"
         labels.append(f"{r.kernel} ({tag}) B{r.B} T{r.T} H{r.H}")
         vals.append(r.peak_fraction * 100)
-    ax2.barh(range(len(vals)), vals, color=["C0" if "no resets" in l else "C1" for l in labels])
-    ax2.set_yticks(range(len(vals)), labels, fontsize=6)
-    ax2.axvline(60, color="red", ls="--", lw=0.8, label="target 60%")
+    ax.barh(range(len(vals)), vals, color=["C0" if "no resets" in l else "C1" for l in labels])
+    ax.set_yticks(range(len(vals)), labels, fontsize=6)
+    ax.axvline(60, color="red", ls="--", lw=0.8, label="target 60%")
     if len(mm):
         sq = mm[mm["gemm"].str.startswith("square")]
         peak = sq["gflops"].max()
-        ax2.set_title("Model FLOP/s, % of best matmul peak (" + ", ".join(
+        ax.set_title("Model FLOP/s, % of best matmul peak (" + ", ".join(
             f"{r.backend} {r.gflops:.0f}" for r in sq.itertuples()) + f" GFLOP/s; best {peak:.0f})", fontsize=8)
-    ax2.set_xlabel("% of peak")
-    ax2.invert_yaxis()
-    ax2.legend(fontsize=7)
+    ax.set_xlabel("% of peak")
+    ax.invert_yaxis()
+    ax.legend(fontsize=7)
+
+
+def kernels_figure(kernels, matmul, path: str) -> str:
+    """``kernels.png`` from ``python -m benchmarks.kernels``: each exact (reset-aware) kernel's
+    tokens/s over its framework's ``native`` kernel (same shape) against reset density, with the
+    0.9x target; the absolute tokens/s of backends that declare no ``native`` kernel; and useful
+    model FLOP/s as a share of the best measured matmul peak. Roles come from ``kernel_role``
+    (:func:`roles` for older tables)."""
+    ker = _need(pd.DataFrame(kernels) if kernels is not None else None, "kernel benchmark rows (kernels.csv; "
+                "python -m benchmarks.kernels)", ["tokens_per_s"])
+    ker = ker.assign(role=roles(ker))
+    if "reset_cost_ratio" not in ker.columns:
+        ker = ker.assign(reset_cost_ratio=np.nan)
+    mm = pd.DataFrame(matmul) if matmul is not None else pd.DataFrame()
+    exact = ker[ker["role"] == "exact"]
+    ratio = exact[exact["reset_cost_ratio"].notna()]
+    absolute = exact[~exact["backend"].isin(ratio["backend"])]
+    panels = [p for p, rows in (("ratio", ratio), ("absolute", absolute)) if len(rows)] + ["peak"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 6.5), squeeze=False,
+                             gridspec_kw={"wspace": 0.75})
+    shapes, colors = sorted({(int(r.B), int(r.T), int(r.H)) for r in ker.itertuples()}), {}
+    for ax, panel in zip(axes[0], panels):
+        if panel == "ratio":
+            _density_lines(ax, ratio, "reset_cost_ratio", shapes, colors)
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.axhline(0.9, color="red", lw=0.8, ls="--", label="target 0.9x")
+            ax.set_ylabel("tokens/s / native no-reset LSTM's")
+            ax.set_title("Cost of per-sample resets (full train step)")
+            ax.legend(fontsize=7)
+        elif panel == "absolute":
+            _density_lines(ax, absolute, "tokens_per_s", shapes, colors)
+            ax.set_ylabel("tokens/s (full train step)")
+            ax.set_title("Backends without a native kernel: tokens/s")
+        else:
+            _peak_panel(ax, ker, mm)
     return _save(fig, path)
 
 

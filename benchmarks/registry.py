@@ -1,16 +1,18 @@
 """Backend registry: one Hydra config file per adapter in ``conf/backend/``.
 
-Each file names the adapter class (``_target_``), the Python modules it needs (``requires``) and
-its options. Nothing here imports a framework: :func:`build_backend` checks that the modules are
+Each file names the adapter class (``_target_``), the Python modules it needs (``requires``), its
+options, and every value of ``backend.kernel`` once, under ``kernels:`` (:class:`KernelDecl`; this
+module is the only reader of those declarations). Nothing here imports a framework: :func:`build_backend` checks that the modules are
 installed (a one-line error if not) and imports the adapter only then.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Tuple
 
 import yaml
 
@@ -19,15 +21,99 @@ from backends.base import Backend, ConfigError, ModelSpec, OptimizerSpec
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF_DIR = os.path.join(ROOT, "conf")
 # what describes a config file rather than an option passed to the adapter (``schema``: the option
-# types, checked before the framework is imported, see benchmarks.config.parse_type)
-META_KEYS = ("name", "_target_", "requires", "exact_kernels", "baseline_kernels", "schema", "guarantees")
+# types, checked before the framework is imported, see benchmarks.config.parse_type; ``kernels``:
+# the kernel declarations below; ``oracle``: the neutral judge, left out of default timed runs)
+META_KEYS = ("name", "_target_", "requires", "kernels", "oracle", "schema", "guarantees")
+# what a kernel declaration's ``role`` may be (docs/spec.md section 7)
+ROLES = ("exact", "native", "peer")
+DECL_KEYS = ("role", "cells", "needs", "slow_to_build", "description")
 
 
-def kernel_options(cfg: Mapping[str, Any]) -> Dict[str, list]:
-    """``{"exact": [...], "baseline": [...]}``: the ``backend.kernel`` values a backend config
-    declares. Exact kernels are reset-aware and pass the oracle conformance suite; baseline
-    kernels (``native``, ``peer``; see ``backends.base.BASELINE_KERNELS``) are for comparison."""
-    return {"exact": list(cfg.get("exact_kernels") or []), "baseline": list(cfg.get("baseline_kernels") or [])}
+@dataclasses.dataclass(frozen=True)
+class KernelDecl:
+    """One value of ``backend.kernel`` as its backend's file declares it under ``kernels:``.
+
+    ``role``: ``exact`` (reset-aware, conformance-tested), ``native`` (the framework's own no-reset
+    layer: the kernel benchmark's reference) or ``peer`` (its variable-length path); ``cells``: the
+    cells it implements; ``needs``: the layout properties it requires (a strategy's
+    ``guarantees``); ``slow_to_build``: minutes of compilation per shape (left out of the shared
+    conformance suite and of the kernel benchmark's default)."""
+
+    name: str
+    role: str
+    cells: Tuple[str, ...]
+    needs: Tuple[str, ...] = ()
+    slow_to_build: bool = False
+    description: str = ""
+
+
+def _decl(backend: str, name: str, entry: Any) -> KernelDecl:
+    """Parse one entry of ``kernels:`` (ValueError, naming the file, for a malformed one)."""
+    where = f"conf/backend/{backend}.yaml: kernels.{name}"
+    if not isinstance(entry, Mapping) or "role" not in entry:
+        raise ValueError(f"{where}: a mapping with at least a role ({', '.join(ROLES)})")
+    unknown = sorted(set(entry) - set(DECL_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (keys: {', '.join(DECL_KEYS)})")
+    return KernelDecl(name=str(name), role=str(entry["role"]), cells=tuple(entry.get("cells") or ()),
+                      needs=tuple(entry.get("needs") or ()), slow_to_build=bool(entry.get("slow_to_build", False)),
+                      description=str(entry.get("description") or ""))
+
+
+def declared(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The file ``conf/backend/<name>.yaml`` of a backend config (a composed config may override
+    ``kernel``, never the declarations); ``cfg`` itself for a backend without a file."""
+    name = cfg.get("name")
+    return group_config("backend", name) if name in group_options("backend") else cfg
+
+
+def kernel_decls(cfg: Mapping[str, Any]) -> Dict[str, KernelDecl]:
+    """Every kernel a backend declares (``kernels:``), by name, in the file's order."""
+    kernels = declared(cfg).get("kernels") or {}
+    return {name: _decl(str(cfg.get("name")), name, entry) for name, entry in kernels.items()}
+
+
+def default_kernel(cfg: Mapping[str, Any]) -> str:
+    """The backend's default ``kernel`` as its file declares it (what evaluation runs)."""
+    return str(declared(cfg).get("kernel"))
+
+
+def kernel_decl(cfg: Mapping[str, Any], kernel: Any) -> KernelDecl:
+    """The declaration of ``kernel``; ConfigError naming the declared ones if it is not one."""
+    decls = kernel_decls(cfg)
+    if not isinstance(kernel, str) or kernel not in decls:
+        raise ConfigError("backend.kernel", kernel, f"allowed for backend={cfg.get('name')}: {', '.join(decls)}")
+    return decls[kernel]
+
+
+def kernel_facts(cfg: Mapping[str, Any], kernel: Any) -> Dict[str, Any]:
+    """What the adapter needs to know of ``kernel``'s declaration: ``eval_kernel`` (the kernel
+    itself if its role is exact, else the backend's default: baselines train only, so the eval
+    loss never depends on the training kernel) and ``needs`` (the layout properties to check on
+    each batch, :func:`backends.base.check_layout`)."""
+    decl = kernel_decl(cfg, kernel)
+    return {"eval_kernel": decl.name if decl.role == "exact" else default_kernel(cfg), "needs": decl.needs}
+
+
+def is_oracle(cfg: Mapping[str, Any]) -> bool:
+    """True for the neutral judge (``oracle: true``): tested against, never timed by default."""
+    return bool(cfg.get("oracle", False))
+
+
+def timed_backends() -> list:
+    """The registered backends without ``oracle: true`` (the kernel benchmark's default)."""
+    return [name for name, cfg in backend_configs().items() if not is_oracle(cfg)]
+
+
+def strategy_guarantees() -> Dict[str, Tuple[str, ...]]:
+    """Strategy name -> the layout properties its batches always have (``guarantees:``)."""
+    return {name: tuple(group_config("strategy", name).get("guarantees") or ())
+            for name in group_options("strategy")}
+
+
+def layout_properties() -> list:
+    """Every layout property some strategy guarantees: what a kernel may list in ``needs``."""
+    return sorted({p for props in strategy_guarantees().values() for p in props})
 
 
 def group_options(group: str) -> list:
@@ -114,7 +200,11 @@ def backend_class(cfg: Mapping[str, Any]) -> type:
 
 def build_backend(cfg: Mapping[str, Any], spec: ModelSpec, weights: Mapping, optimizer: OptimizerSpec,
                   batch_size: int, device: str = "auto", **overrides: Any) -> Backend:
-    """Instantiate the adapter of backend config ``cfg`` with its options (``overrides`` win)."""
+    """Instantiate the adapter of backend config ``cfg`` with its options (``overrides`` win) and
+    the facts its kernel's declaration implies (:func:`kernel_facts`). An undeclared kernel is a
+    ConfigError before the framework is imported."""
     options = {k: v for k, v in cfg.items() if k not in META_KEYS}
     options.update(overrides)
-    return backend_class(cfg)(spec, weights, optimizer, batch_size, device=device, **options)
+    options["kernel"] = options.get("kernel", cfg.get("kernel"))
+    facts = kernel_facts(cfg, options["kernel"])
+    return backend_class(cfg)(spec, weights, optimizer, batch_size, device=device, **options, **facts)

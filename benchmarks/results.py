@@ -317,14 +317,16 @@ def _sweep_values(text: Any) -> List[str]:
 
 
 def length_tables(conf_dir: Optional[str] = None, bin_width: int = 8) -> pd.DataFrame:
-    """Length histograms of the training sets the experiments use: KJV verses
-    (``benchmarks.data.KJV``) and the synthetic sets of ``conf/experiment/waste.yaml``
-    (one per swept ``data.length.sigma``)."""
+    """Length histograms of the training sets the experiments use: KJV verses and chapters
+    (``benchmarks.data.KJV``; chapters in bins 16 times wider) and the synthetic sets of
+    ``conf/experiment/waste.yaml`` (one per swept ``data.length.sigma``)."""
     import yaml
 
     from benchmarks.data import KJV, Synthetic
     conf_dir = conf_dir or os.path.join(ROOT, "conf")
-    parts = [length_histogram(KJV().load().train.positions, "kjv", bin_width, data="kjv", sigma=np.nan)]
+    parts = [length_histogram(KJV().load().train.positions, "kjv", bin_width, data="kjv", sigma=np.nan),
+             length_histogram(KJV(unit="chapter").load().train.positions, "kjv chapters", 16 * bin_width,
+                              data="kjv", sigma=np.nan)]
     with open(os.path.join(conf_dir, "experiment", "waste.yaml")) as fh:
         waste = yaml.safe_load(fh)
     with open(os.path.join(conf_dir, "data", "synthetic.yaml")) as fh:

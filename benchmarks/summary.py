@@ -47,6 +47,7 @@ class RunSummary:
     lr: Optional[float] = None
     clip_norm: Optional[float] = None
     kernel_option: Optional[str] = None     # backend.kernel as configured
+    kernel_role: Optional[str] = None       # its declared role: exact, native or peer (conf/backend/*.yaml)
     # -- where it ran ------------------------------------------------------------------------------
     kernel: Optional[str] = None            # the implementation path that ran (backend's name for it)
     device: Optional[str] = None

@@ -5,8 +5,9 @@ repository's committed state into a temporary folder, adds a backend named ``ora
 oracle under a new name: ``backends/oracle2.py`` and ``conf/backend/oracle2.yaml``, nothing else),
 and checks that it
 
-1. passes the tests that select it (``pytest -k oracle2``: conformance, CLI, README...);
-   ``--full`` runs the whole ``make test`` instead (minutes);
+1. gets its row in the README's kernel table (``python -m benchmarks.docs``, as ``make test`` does
+   first) and passes the tests that select it (``pytest -k oracle2``: conformance, CLI, README,
+   its kernel declarations...); ``--full`` runs the whole ``make test`` instead (minutes);
 2. appears in ``python -m benchmarks.kernels --backends oracle2 --quick``;
 3. appears in a ``compare_debug`` sweep with torch, and in the tables and figures built from it.
 
@@ -88,6 +89,9 @@ def main(argv=None) -> int:
         check(sorted(added.split()) == sorted(["??", "??", f"backends/{NAME}.py", f"conf/backend/{NAME}.yaml"]),
               f"the clone differs by two new files only: {added.split()}")
         venv = os.path.dirname(os.path.dirname(py))
+        step("README kernel table (make docs)", [py, "-m", "benchmarks.docs"], clone, env)
+        with open(os.path.join(clone, "README.md")) as fh:
+            check(f"| {NAME} | `loop` (default) | exact |" in fh.read(), f"{NAME}'s kernel in the README table")
         if args.full:
             step("make test (the whole suite)", ["make", "test", f"VENV={venv}"], clone, env)
         else:

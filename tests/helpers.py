@@ -17,22 +17,20 @@ REQUIRE_ALL = os.environ.get("RESETBENCH_REQUIRE_ALL") == "1"
 
 
 def backend_names(include_oracle: bool = False):
-    names = sorted(registry.backend_configs())
-    return [n for n in names if include_oracle or n != "numpy"]
-
-
-# Exact kernels left out of the shared conformance suite because each new window shape costs
-# minutes of compilation; tests/test_torch_kernels.py runs the oracle parity for them on one shape.
-SLOW_KERNELS = {("torch", "compile")}
+    """Registered backends; the oracle (``oracle: true``: what the others are tested against) only
+    with ``include_oracle``."""
+    configs = registry.backend_configs()
+    return [n for n in sorted(configs) if include_oracle or not registry.is_oracle(configs[n])]
 
 
 def backend_variants():
-    """``"backend:kernel"`` for every exact (reset-aware) kernel each registered backend declares
-    (``exact_kernels`` in ``conf/backend/*.yaml``), or just ``"backend"`` if it declares none."""
+    """``"backend:kernel"`` for every exact (reset-aware) kernel each registered backend declares,
+    except those ``slow_to_build`` (minutes of compilation per window shape: their own test files
+    run the oracle parity on one shape, e.g. tests/test_torch_kernels.py)."""
     out = []
     for name in backend_names():
-        exact = registry.kernel_options(registry.backend_configs()[name])["exact"]
-        out += [f"{name}:{k}" for k in exact if (name, k) not in SLOW_KERNELS] if exact else [name]
+        decls = registry.kernel_decls(registry.backend_configs()[name])
+        out += [f"{name}:{k}" for k, d in decls.items() if d.role == "exact" and not d.slow_to_build]
     return out
 
 

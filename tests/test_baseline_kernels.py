@@ -1,8 +1,8 @@
-"""The baseline kernels every backend declares (``baseline_kernels``: ``native``, the framework's
-own no-reset LSTM; ``peer``, its variable-length path) against the NumPy oracle on the layouts
-they accept, their refusal of every other layout, and their evaluation (which must be exact on
-packed eval streams). Parametrized over ``conf/backend/*.yaml``: a backend that declares a
-baseline kernel gets these tests. Model: 2 layers; Adam with clipping, 3 steps."""
+"""The baseline kernels every backend declares (role ``native``: the framework's own no-reset
+LSTM; role ``peer``: its variable-length path) against the NumPy oracle on the layouts they
+accept, their refusal of every other layout, and their evaluation (which must be exact on packed
+eval streams). Parametrized over the kernels with those roles in ``conf/backend/*.yaml``: a
+backend that declares a baseline kernel gets these tests. Model: 2 layers; Adam with clipping, 3 steps."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ SPEC = ModelSpec(embed=6, hidden=8, layers=2)
 ADAM = OptimizerSpec("adam", lr=0.01, clip_norm=0.5)
 
 
-def _declaring(kernel):
-    return [b for b in backend_names()
-            if kernel in registry.kernel_options(registry.backend_configs()[b])["baseline"]]
+def _declaring(role):
+    """``"backend:kernel"`` for every kernel with ``role`` that a (non-oracle) backend declares."""
+    return [f"{b}:{name}" for b in backend_names()
+            for name, decl in registry.kernel_decls(registry.backend_configs()[b]).items() if decl.role == role]
 
 
 def _ids(rng, B, T):
@@ -49,8 +50,9 @@ def check_exact_eval(be, B, h0, c0):
     assert_close(be.eval_step(mid), orc.eval_step(mid), "eval loss sum (mid-window resets)")
 
 
-@pytest.mark.parametrize("backend", _declaring("native"))
-def test_native_matches_oracle_without_mid_window_resets(backend):
+@pytest.mark.parametrize("variant", _declaring("native"))
+def test_native_matches_oracle_without_mid_window_resets(variant):
+    backend, kernel = variant.split(":")
     B, T = 4, 8
     rng = np.random.default_rng(42)
     batches = []
@@ -63,8 +65,7 @@ def test_native_matches_oracle_without_mid_window_resets(backend):
         mask[1, T - 3:] = 0.0                        # padding in the mask
         batches.append(Batch(_ids(rng, B, T), _ids(rng, B, T), mask, reset))
     h0, c0 = random_state(43, SPEC, B)               # a carried, non-zero state
-    be, orc = check_parity(backend, "native", batches, h0, c0)
-    assert ".native." in be.kernel
+    be, orc = check_parity(backend, kernel, batches, h0, c0)
     for got, exp, what in zip(be.get_state(), orc.get_state(), "hc"):
         assert_close(got, exp, f"state {what} after training", rtol=5e-4, atol_scale=5e-5)
     # a mid-window reset is refused before anything runs, in every entry point
@@ -77,12 +78,12 @@ def test_native_matches_oracle_without_mid_window_resets(backend):
     check_exact_eval(be, B, h0, c0)
 
 
-@pytest.mark.parametrize("backend", _declaring("peer"))
-def test_peer_matches_oracle_on_padded_batches_and_refuses_other_layouts(backend):
+@pytest.mark.parametrize("variant", _declaring("peer"))
+def test_peer_matches_oracle_on_padded_batches_and_refuses_other_layouts(variant):
+    backend, kernel = variant.split(":")
     rng = np.random.default_rng(45)
     batches = [padded_batch(rng, lengths, 9) for lengths in ([9, 3, 6, 1], [2, 9, 9, 5], [4, 7, 9, 8])]
-    be, _ = check_parity(backend, "peer", batches, padded=True)
-    assert ".peer." in be.kernel
+    be, _ = check_parity(backend, kernel, batches, padded=True)
     # the state left is each row's state after its last valid token: the oracle on that prefix
     # (the only check that sees a missing mask: on right-padded rows loss and gradients do not)
     last = batches[-1]
@@ -95,15 +96,39 @@ def test_peer_matches_oracle_on_padded_batches_and_refuses_other_layouts(backend
                           last.reset[row:row + 1, :n]))
         assert_close(h[:, row], orc.get_state()[0][:, 0], f"peer h of row {row}")
         assert_close(c[:, row], orc.get_state()[1][:, 0], f"peer c of row {row}")
-    # anything but the padded layout is refused
-    carried = padded_batch(rng, [4, 5, 5, 2], 5)
-    carried.reset[1, 0] = False
-    holes = padded_batch(rng, [4, 5, 5, 2], 5)
-    holes.mask[0, 2] = 0.0
-    mid = padded_batch(rng, [4, 5, 5, 2], 5)
-    mid.reset[2, 3] = True
-    for batch, why in ((carried, "carries state"), (holes, "not a prefix"), (mid, "mid-window")):
+    # a batch without a layout property the kernel declares in ``needs`` is refused, naming it
+    needs = registry.kernel_decl(registry.backend_configs()[backend], kernel).needs
+    assert needs, f"{variant}: a peer kernel consumes padded batches only, so it needs layout properties"
+    for prop in needs:
+        batch = padded_batch(rng, [4, 5, 5, 2], 5)
+        why = lacking(batch, prop)
         for call in (be.train_step, be.gradients):
-            with pytest.raises(ValueError, match=why):
+            with pytest.raises(ValueError, match=f"needs {prop}: .*{why}"):
                 call(batch)
     check_exact_eval(be, 4, *random_state(47, SPEC, 4))
+
+
+def lacking(batch, prop):
+    """``batch`` (a padded one) changed to lack layout property ``prop``, and what its refusal says."""
+    if prop == "fresh_rows":
+        batch.reset[1, 0] = False
+        return "carries state"
+    if prop == "prefix_mask":
+        batch.mask[0, 2] = 0.0
+        return "not a prefix"
+    if prop == "no_mid_reset":
+        batch.reset[2, 3] = True
+        return "mid-window"
+    raise KeyError(prop)
+
+
+def test_every_layout_property_can_be_broken_here():
+    """:func:`lacking` covers every property a strategy guarantees (so the refusals above see each),
+    and :func:`backends.base.check_layout` refuses each such batch."""
+    from backends.base import check_layout
+    for prop in registry.layout_properties():
+        batch = padded_batch(np.random.default_rng(0), [4, 5, 5, 2], 5)
+        check_layout(batch, [prop], "k")
+        why = lacking(batch, prop)
+        with pytest.raises(ValueError, match=f"backend.kernel=k needs {prop}: .*{why}"):
+            check_layout(batch, [prop], "k")

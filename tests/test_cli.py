@@ -65,6 +65,9 @@ def test_each_strategy_writes_contract_files(tmp_path, backend, strategy):
     assert SUMMARY_KEYS <= set(summary), SUMMARY_KEYS - set(summary)
     assert summary["status"] == "completed" and summary["steps"] == 3
     assert summary["backend"] == backend and summary["strategy"] == strategy and summary["data"] == "kjv"
+    from benchmarks import registry
+    default = registry.backend_configs()[backend]["kernel"]
+    assert summary["kernel_option"] == default and summary["kernel_role"] == "exact"
     assert summary["eval_tokens"] > 0 and np.isfinite(summary["eval_loss"])
     assert summary["valid_tokens_per_s"] > 0
     if sys.platform.startswith("linux"):
@@ -119,8 +122,11 @@ BAD = [
     (["train.batch_size=0"], "train.batch_size=0"),
     (["tune_malloc=maybe"], "tune_malloc='maybe'"),
     (["backend.kernel=nosuch"], "allowed for backend=torch: fused, loop"),
-    (["backend.kernel=native", "strategy=packed"], "cannot reset mid-window"),
-    (["backend.kernel=peer", "strategy=reset_all"], "padded layout only"),
+    (["backend.kernel=native", "strategy=packed"], "backend.kernel='native': needs no_mid_reset, which "
+     "strategy=packed does not guarantee; strategies that do: bucketed, padded, reset_all"),
+    (["backend.kernel=peer", "strategy=reset_all"], "backend.kernel='peer': needs fresh_rows, which "
+     "strategy=reset_all does not guarantee; strategies that do: bucketed, padded"),
+    (["backend=numpy", "backend.kernel=fused"], "backend.kernel='fused': allowed for backend=numpy: loop"),
     (["model.hidden=-4"], "model.hidden=-4"),
     (["model.layers=two"], "model.layers='two'"),
     (["train.window=0"], "train.window=0"),

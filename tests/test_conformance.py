@@ -1,7 +1,7 @@
 """Backend conformance: every registered adapter against the NumPy oracle, in float32 tolerance.
 
-Parametrized over ``conf/backend/*.yaml`` and every exact kernel each declares
-(``exact_kernels``): adding a backend or a kernel adds it here. Every batch has
+Parametrized over ``conf/backend/*.yaml`` and every kernel with role ``exact`` each declares
+(except those ``slow_to_build``): adding a backend or a kernel adds it here. Every batch has
 mid-window resets and starts from a carried (non-zero) state.
 """
 

@@ -182,7 +182,8 @@ def test_peer_refuses_non_padded_batches(layout):
 def test_kernel_config_and_names():
     cfg = registry.backend_configs()["jax"]
     assert cfg["kernel"] == "scan"
-    assert registry.kernel_options(cfg) == {"exact": ["scan"], "baseline": ["native", "peer"]}
+    assert {k: d.role for k, d in registry.kernel_decls(cfg).items()} == {"scan": "exact", "native": "native",
+                                                                          "peer": "peer"}
     w = tiny_weights(0, SPEC)
     expected = [("scan", 1, "jax.scan"), ("native", 1, "jax.native.flax_OptimizedLSTMCell"),
                 ("peer", 1, "jax.peer.flax_rnn_seq_lengths"),

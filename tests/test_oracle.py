@@ -67,3 +67,47 @@ def test_cross_entropy_matches_direct_formula():
     direct = -np.log(np.exp(logits) / np.exp(logits).sum(-1, keepdims=True))
     np.testing.assert_allclose(ce, np.take_along_axis(direct, y[..., None], -1)[..., 0], rtol=1e-10)
     np.testing.assert_allclose(probs.sum(-1), 1.0)
+
+
+def test_oracle_adapter_kernel_and_declared_facts():
+    """NumpyBackend takes ``kernel="loop"`` (its one kernel, conf/backend/numpy.yaml); built directly
+    it reads its kernel's facts from that declaration; any other kernel is a ConfigError, also one
+    the registry would pass along (the adapter dispatches on the names it implements)."""
+    from backends.base import ConfigError, OptimizerSpec
+    from benchmarks import registry
+
+    w, opt = tiny_weights(0, SPEC), OptimizerSpec("sgd", lr=0.1)
+    be = ref.NumpyBackend(SPEC, w, opt, 3)
+    assert (be.kernel_option, be.eval_kernel, be.needs) == ("loop", "loop", ())
+    built = registry.build_backend(registry.backend_configs()["numpy"], SPEC, w, opt, 3)
+    assert (built.kernel_option, built.eval_kernel, built.needs, built.kernel) == ("loop", "loop", (), "numpy.loop")
+    with pytest.raises(ConfigError, match="backend.kernel='fused': allowed for backend=numpy: loop"):
+        ref.NumpyBackend(SPEC, w, opt, 3, kernel="fused")
+    with pytest.raises(ConfigError, match="backend.kernel='fused': allowed for backend=numpy: loop"):
+        ref.NumpyBackend(SPEC, w, opt, 3, kernel="fused", eval_kernel="loop", needs=())
+
+
+def test_needs_are_checked_on_every_training_batch():
+    """A kernel's ``needs`` (given by the registry) are checked by Backend.check_batch before the
+    batch is used; evaluation, which runs the exact eval kernel, is not refused."""
+    from backends.base import OptimizerSpec
+
+    batch = mid_reset_batches(23, B=3, T=6)[0]
+    be = ref.NumpyBackend(SPEC, tiny_weights(0, SPEC), OptimizerSpec("sgd", lr=0.1), 3, kernel="loop",
+                          eval_kernel="loop", needs=("no_mid_reset",))
+    for call in (be.forward, be.gradients, be.train_step):
+        with pytest.raises(ValueError, match=r"backend.kernel=loop needs no_mid_reset: a row resets mid-window"):
+            call(batch)
+    assert np.isfinite(be.eval_step(batch))
+
+
+def test_an_adapter_without_a_declaration_must_be_given_its_facts():
+    from backends.base import ConfigError, OptimizerSpec
+
+    class Nowhere(ref.NumpyBackend):
+        name = "nowhere"
+
+    w, opt = tiny_weights(0, SPEC), OptimizerSpec("sgd", lr=0.1)
+    with pytest.raises(ConfigError, match="backend='nowhere': has no conf/backend file"):
+        Nowhere(SPEC, w, opt, 2)
+    assert Nowhere(SPEC, w, opt, 2, eval_kernel="loop", needs=()).eval_kernel == "loop"

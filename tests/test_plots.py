@@ -169,3 +169,24 @@ def test_every_backend_and_strategy_gets_its_own_color_and_marker(monkeypatch):
     assert "zz_new" in plots.strategy_names() and "zz_new" in plots.backend_names()
     assert distinct(plots.strategy_names(), plots.strategy_color)
     assert distinct(plots.backend_names(), plots.backend_marker)
+
+
+def test_select_marks_peer_runs_by_role_and_reads_old_tables():
+    """``kernel_role`` peer puts a run under strategy ``peer`` whatever its kernel label says; a
+    table written before the column existed falls back to the ``.peer.`` label."""
+    new = pd.DataFrame({"strategy": ["padded", "padded", "packed"], "status": ["completed"] * 3,
+                        "kernel": ["x.own_varlen", "x.fused", "x.peer.odd_but_exact"],
+                        "kernel_role": ["peer", "exact", "exact"]})
+    assert list(plots.select(new)["strategy"]) == ["peer", "padded", "packed"]
+    old = new.drop(columns="kernel_role").assign(kernel=["x.peer.pack", "x.fused", "x.loop"])
+    assert list(plots.select(old)["strategy"]) == ["peer", "padded", "packed"]
+    mixed = new.assign(kernel_role=[None, "exact", None], kernel=["x.peer.pack", "x.fused", "x.loop"])
+    assert list(plots.select(mixed)["strategy"]) == ["peer", "padded", "packed"]
+    assert list(plots.roles(old.assign(kernel_option=["peer", "native", "loop"]))) == ["peer", "native", "exact"]
+
+
+def test_kernels_figure_reads_kernels_csv_without_roles(tmp_path):
+    """kernels.csv written before ``kernel_role`` existed: the baselines are told by kernel_option."""
+    ker, mm = fabricate_kernel_rows()
+    old = pd.DataFrame(ker).drop(columns="kernel_role")
+    assert _is_png(plots.kernels_figure(old, mm, str(tmp_path / "k.png")))

@@ -1,10 +1,16 @@
 """README stays true: its two set-up commands exist in the Makefile, the Keras example is the one
-the tests run, and .ci/run calls the README's test command."""
+the tests run, .ci/run calls the README's test command, and the kernel table is the one
+``python -m benchmarks.docs`` generates from ``conf/backend/*.yaml`` (one test per backend, so
+``pytest -k <backend>`` selects it)."""
 
 from __future__ import annotations
 
 import os
 import re
+
+import pytest
+
+from benchmarks import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,17 +38,52 @@ def test_keras_example_in_readme_is_the_tested_one():
     assert "\n".join(lines).strip() in readme
 
 
-def test_every_declared_kernel_is_in_the_readme_kernel_table():
-    from benchmarks import registry
+def _table_rows() -> list:
+    from benchmarks import docs
+    return docs.table_block(read("README.md")).splitlines()
 
-    readme = read("README.md")
-    section = readme.split("## Kernels", 1)[1]
-    table = next(block for block in section.split("\n\n") if block.startswith("| backend |"))
-    for name, cfg in registry.backend_configs().items():
-        kernels = registry.kernel_options(cfg)
-        if not kernels["exact"]:
-            continue
-        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
-        for k in kernels["exact"]:
-            assert f"`{k}`" in row, (name, k)
-        assert cfg["kernel"] in row.split("|")[2].split(",")[0], f"{name}: default kernel listed first"
+
+@pytest.mark.parametrize("backend", sorted(registry.backend_configs()))
+def test_readme_kernel_table_is_current(backend):
+    """The README's kernel table (between the kernels:start/end markers under "## Kernels") has
+    exactly the rows ``python -m benchmarks.docs`` writes for this backend, from its yaml file."""
+    from benchmarks import docs
+    assert "## Kernels" in read("README.md").split(docs.START)[0], "the kernel table belongs under ## Kernels"
+    expected = docs.backend_rows(backend)
+    table = _table_rows()
+    assert table[:2] == docs.HEADER, "README.md kernel table: the header is stale; run make docs"
+    have = [row for row in table if row.startswith(f"| {backend} |")]
+    missing = [row for row in expected if row not in have]
+    stale = [row for row in have if row not in expected]
+    assert not missing and not stale and have == expected, (
+        f"README.md kernel table, backend {backend}: "
+        + (f"missing row {missing[0]!r}; " if missing else "")
+        + (f"stale row {stale[0]!r}; " if stale else "")
+        + ("rows out of order; " if not missing and not stale else "")
+        + "run make docs (python -m benchmarks.docs) to rewrite it from conf/backend/*.yaml")
+
+
+def test_readme_kernel_table_has_no_unregistered_backend():
+    rows = _table_rows()[2:]
+    names = {row.split("|")[1].strip() for row in rows}
+    assert names <= set(registry.backend_configs()), (
+        f"README.md kernel table: rows of {sorted(names - set(registry.backend_configs()))}, which have no "
+        f"conf/backend file; run make docs")
+
+
+def test_docs_rewrites_only_the_table(tmp_path):
+    """``python -m benchmarks.docs`` replaces a stale table between the markers, leaves the rest
+    of the file alone, and ``--check`` reports a stale table with exit 1."""
+    from benchmarks import docs
+    stale = "intro\n## Kernels\n\n" + docs.START + "\n| backend | old |\n" + docs.END + "\n\nafter\n"
+    path = tmp_path / "README.md"
+    path.write_text(stale)
+    assert docs.main(["--readme", str(path), "--check"]) == 1
+    assert path.read_text() == stale
+    assert docs.main(["--readme", str(path)]) == 0
+    text = path.read_text()
+    assert text.startswith("intro\n## Kernels\n\n" + docs.START + "\n") and text.endswith(docs.END + "\n\nafter\n")
+    assert docs.table_block(text) == docs.kernel_table()
+    assert docs.main(["--readme", str(path), "--check"]) == 0
+    path.write_text("no markers\n")
+    assert docs.main(["--readme", str(path)]) == 2

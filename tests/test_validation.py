@@ -65,7 +65,14 @@ CASES = [
      "backend.loop='scan': ResetLSTM's loop"),
     ("keras.scan+xla", ["backend=keras", "backend.loop=scan", "backend.jit_compile=true"],
      "backend.jit_compile=True: XLA cannot compile loop=scan"),
-    ("schema override", ["backend.schema.threads=int"], "backend.schema="),
+    ("schema override", ["backend.schema.threads=int"], "backend.schema.threads='int': metadata of "
+     "conf/backend/torch.yaml, not an option"),
+    ("kernels override", ["backend.kernels.native.needs=[]", "strategy=packed"],
+     "backend.kernels.native.needs=[]: metadata of conf/backend/torch.yaml, not an option"),
+    ("numpy kernel", ["backend=numpy", "backend.kernel=scan"], "backend.kernel='scan': allowed for backend=numpy: loop"),
+    ("jax native+packed", ["backend=jax", "backend.kernel=native"],
+     "backend.kernel='native': needs no_mid_reset, which strategy=packed does not guarantee; strategies that "
+     "do: padded, reset_all"),
     # textfile options
     ("split_seed<0", TXT + ["data.split_seed=-1"], "data.split_seed=-1: must be a non-negative integer"),
     ("split_seed=1.5", TXT + ["data.split_seed=1.5"], "data.split_seed=1.5: must be a non-negative integer"),
@@ -326,7 +333,7 @@ def _leaves(d, prefix=""):
 @pytest.mark.parametrize("group", ["backend", "data"])
 def test_every_option_is_declared(group):
     """Each conf/backend and conf/data file declares the type of every option it has (``kernel``
-    is checked against exact_kernels + baseline_kernels), and only of options it has."""
+    is checked against the names under ``kernels``), and only of options it has."""
     for name in registry.group_options(group):
         cfg = registry.group_config(group, name)
         assert "schema" in cfg, f"conf/{group}/{name}.yaml has no schema"
@@ -482,3 +489,57 @@ def test_weights_errors_name_the_file(tmp_path):
     (tmp_path / "text.npz").write_text("not a zip")
     with pytest.raises(ConfigError, match="not an .npz archive"):
         load_weights(str(tmp_path / "text.npz"), spec)
+
+
+# --------------------------------------------------------------------------- kernel declarations
+@pytest.mark.parametrize("backend", registry.group_options("backend"))
+def test_backend_declares_its_kernels(backend):
+    """conf/backend/<backend>.yaml declares every kernel once under ``kernels:`` (the typed loader
+    reads it): known roles, cells that exist in conf/cell, ``needs`` among the properties some
+    strategy guarantees, a description each, and a default ``kernel`` with role exact. Exact
+    kernels need nothing: they run the conformance suite's windows (mid-window resets, carried
+    rows) and the packed eval streams."""
+    from backends.cells import cell_names
+
+    cfg = registry.group_config("backend", backend)
+    assert not {"exact_kernels", "baseline_kernels"} & set(cfg), "the old kernel lists: use kernels:"
+    decls = registry.kernel_decls(cfg)
+    assert decls, f"{backend}: no kernels declared"
+    known = registry.layout_properties()
+    for name, d in decls.items():
+        assert d.role in registry.ROLES, (name, d.role)
+        assert d.cells and set(d.cells) <= set(cell_names()), (name, d.cells)
+        assert set(d.needs) <= set(known), (name, sorted(set(d.needs) - set(known)), "known:", known)
+        assert len(set(d.needs)) == len(d.needs), (name, d.needs)
+        assert d.description.strip(), f"{backend}: kernel {name} has no description"
+        assert d.role != "exact" or not d.needs, f"{backend}: exact kernel {name} needs {d.needs}"
+    default = cfg.get("kernel")
+    assert default in decls and decls[default].role == "exact", f"{backend}: default kernel {default!r}"
+    assert registry.kernel_facts(cfg, default) == {"eval_kernel": default, "needs": ()}
+    for name, d in decls.items():
+        facts = registry.kernel_facts(cfg, name)
+        assert facts == {"eval_kernel": name if d.role == "exact" else default, "needs": d.needs}
+
+
+def test_kernel_declarations_are_parsed_strictly():
+    for entry, message in (({"cells": ["lstm"]}, "at least a role"), ("exact", "at least a role"),
+                           ({"role": "exact", "cell": ["lstm"]}, "unknown key 'cell'")):
+        with pytest.raises(ValueError, match=message):
+            registry.kernel_decls({"name": "fake", "kernels": {"k": entry}})
+    with pytest.raises(ConfigError, match=r"backend.kernel='nope': allowed for backend=fake: k"):
+        registry.kernel_decl({"name": "fake", "kernels": {"k": {"role": "exact"}}}, "nope")
+
+
+def test_kernel_problem_compares_needs_with_guarantees():
+    """The config check is a comparison of declarations: no kernel or strategy name in code."""
+    from benchmarks.config import kernel_problem
+
+    guarantees = {"a": ("p", "q"), "b": ("q",), "c": ()}
+    decl = registry.KernelDecl("k", "peer", ("lstm",), needs=("q",))
+    assert kernel_problem(decl, "lstm", "a", guarantees) is None
+    assert kernel_problem(decl, "lstm", "c", guarantees) == \
+        "needs q, which strategy=c does not guarantee; strategies that do: a, b"
+    both = registry.KernelDecl("k", "peer", ("lstm",), needs=("p", "q", "r"))
+    assert kernel_problem(both, "lstm", "a", guarantees) == \
+        "needs r, which strategy=a does not guarantee; no strategy does"
+    assert kernel_problem(decl, "gru", "a", guarantees) == "implements cells lstm, not model.cell=gru"
