@@ -72,7 +72,7 @@ CASES = [
     ("numpy kernel", ["backend=numpy", "backend.kernel=scan"], "backend.kernel='scan': allowed for backend=numpy: loop"),
     ("jax native+packed", ["backend=jax", "backend.kernel=native"],
      "backend.kernel='native': needs no_mid_reset, which strategy=packed does not guarantee; strategies that "
-     "do: padded, reset_all"),
+     "do: bucketed, padded, reset_all"),
     # textfile options
     ("split_seed<0", TXT + ["data.split_seed=-1"], "data.split_seed=-1: must be a non-negative integer"),
     ("split_seed=1.5", TXT + ["data.split_seed=1.5"], "data.split_seed=1.5: must be a non-negative integer"),
