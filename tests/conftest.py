@@ -6,8 +6,9 @@ name (``torch``, ``jax:scan``, ...: the backends of ``conf/backend/`` that need 
 or lives in ``test_<backend>.py`` / ``test_<backend>_*.py``; everything else is framework-free.
 
 ``pytest`` with tests of several groups collected runs the framework-free tests itself (test
-modules of a framework are not even imported there), then one ``pytest ... --framework=<name>``
-child per framework group, and fails if any child failed. ``--framework=<name>`` (or ``none``)
+modules of a framework are not even imported there) while one ``pytest ... --framework=<name>``
+child per framework group runs after another in the background; it prints their output at the end
+and fails if any child failed. ``--framework=<name>`` (or ``none``)
 runs one group in this process. A guard fails any test after which this process has loaded the
 modules of two backends.
 """
@@ -19,6 +20,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 from typing import Dict, Optional, Set
 
 import pytest
@@ -105,30 +107,47 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtestloop(session):
-    yield
+    """The framework groups run in child processes, one after another, while this process runs
+    the framework-free tests (tests time nothing, so sharing the cores costs nothing but wall
+    time); their output is printed when they are done."""
     config = session.config
     children = sorted(getattr(config, "_framework_children", ()))
-    if config.getoption("--framework") is not None or not children or config.option.collectonly:
-        return
-    if session.testsfailed and config.getoption("maxfail", 0) == 1:
-        return
-    config._framework_results = [_run_child(config, g) for g in children]
+    dispatch = bool(children) and config.getoption("--framework") is None and not config.option.collectonly
+    runner = _Children(config, children) if dispatch else None
+    if runner is not None:
+        runner.start()
+    yield
+    if runner is not None:
+        config._framework_results = runner.join()
+
+
+class _Children(threading.Thread):
+    """``pytest <the same arguments> --framework=<group>`` for each group, in turn, output kept."""
+
+    def __init__(self, config, groups):
+        super().__init__(daemon=True)
+        self.config, self.groups, self.results = config, groups, []
+
+    def run(self) -> None:
+        for group in self.groups:
+            self.results.append(_run_child(self.config, group))
+
+    def join(self, timeout=None):
+        super().join(timeout)
+        for group, code, last, output, cmd in self.results:
+            print(f"\n---- framework {group}: {cmd}", flush=True)
+            sys.stdout.write(output)
+        return [(group, code, last) for group, code, last, _, _ in self.results]
 
 
 def _run_child(config, group: str):
-    """``pytest <the same arguments> --framework=<group>`` in a fresh process, output streamed."""
+    """One framework group in a fresh pytest process: (group, exit code, last line, output, command)."""
     args = [a for a in config.invocation_params.args if not a.startswith("--framework")]
     cmd = [sys.executable, "-m", "pytest", *args, f"--framework={group}"]
-    print(f"\n---- framework {group}: {shlex.join(cmd[1:])}", flush=True)
-    last = ""
-    proc = subprocess.Popen(cmd, cwd=str(config.invocation_params.dir), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        if line.strip():
-            last = line.strip()
-    code = proc.wait()
-    return group, code, last
+    proc = subprocess.run(cmd, cwd=str(config.invocation_params.dir), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+    return group, proc.returncode, (lines[-1] if lines else ""), proc.stdout, shlex.join(cmd[1:])
 
 
 def pytest_sessionfinish(session, exitstatus):
