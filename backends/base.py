@@ -1,7 +1,7 @@
 """The backend adapter protocol and canonical-weight helpers.
 
 Every framework adapter implements :class:`Backend`. It receives contract batches
-(NumPy ``x``, ``y``, ``mask``, ``reset``; see ``../shared/CONTRACT.md`` section 2) and applies
+(NumPy ``x``, ``y``, ``mask``, ``reset``; see docs/spec.md section 2) and applies
 one rule: zero the state of row ``b`` before step ``t`` where ``reset[b, t]``, count the loss
 where ``mask[b, t]``. It never knows which strategy produced a batch.
 
@@ -149,7 +149,7 @@ def load_weights(path: str, spec: ModelSpec) -> Dict[str, np.ndarray]:
         raise ConfigError("model.init", path, f"cannot be read ({exc.strerror or type(exc).__name__})") from None
     if magic not in NPZ_MAGIC:
         raise ConfigError("model.init", path, "not an .npz archive (np.savez writes one: canonical weights "
-                          "by key, CONTRACT section 3)")
+                          "by key, docs/spec.md section 5)")
     raw: Dict[str, np.ndarray] = {}
     try:
         with np.load(path, allow_pickle=False) as npz:

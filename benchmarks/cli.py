@@ -195,67 +195,76 @@ def compose_jobs(argv: Sequence[str]) -> Optional[List[Job]]:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
     from hydra.types import RunMode
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from omegaconf import OmegaConf, open_dict
-    from omegaconf.errors import OmegaConfBaseException
-
-    def compose(overrides: List[str], mode: Any, **kw: Any) -> Any:
-        try:
-            return hydra.compose_config(config_name="config", overrides=list(overrides), run_mode=mode,
-                                        with_log_configuration=False, **kw)
-        except (HydraException, OmegaConfBaseException, ValueError) as exc:
-            raise UsageError(_hydra_message(exc, overrides)) from None
+    from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=registry.CONF_DIR, version_base="1.3", job_name="run"), \
             _config_files_read_once():
         hydra = GlobalHydra.instance().hydra
         # the run mode, as hydra._internal.utils._run_app decides it (with -m it is MULTIRUN
         # whatever the config says: no need to compose it to find out)
-        mode = RunMode.MULTIRUN if multirun else compose(overrides, RunMode.MULTIRUN,
-                                                         validate_sweep_overrides=False).hydra.mode
+        mode = RunMode.MULTIRUN if multirun else _compose(hydra, overrides, RunMode.MULTIRUN,
+                                                          validate_sweep_overrides=False).hydra.mode
         if multirun or mode is None:
             mode = mode or RunMode.RUN
             overrides = overrides + [f"hydra.mode={mode.name}"]
-
         if mode == RunMode.RUN:
-            cfg = compose(overrides, RunMode.RUN)
+            cfg = _compose(hydra, overrides, RunMode.RUN)
             HydraConfig.instance().set_config(cfg)
             task = OmegaConf.to_container(cfg.hydra.overrides.task)
-            run_dir = str(Path(_select(cfg, "hydra.run.dir")))
+            run_dir = str(Path(_select(cfg, "hydra.run.dir")))      # before _task_config drops hydra
             return [Job(0, list(task), _task_config(cfg), run_dir)]
+        return _sweep_jobs(hydra, _compose(hydra, overrides, RunMode.MULTIRUN))
 
-        master = compose(overrides, RunMode.MULTIRUN)
-        if OmegaConf.select(master, "hydra.sweeper._target_") != BASIC_SWEEPER:
-            return None
-        params = OmegaConf.to_container(master.hydra.sweeper, resolve=True).get("params") or {}
-        arguments = [f"{k}={v}" for k, v in params.items()] + list(
-            OmegaConf.to_container(master.hydra.overrides.task, resolve=False))
+
+def _compose(hydra: Any, overrides: List[str], mode: Any, **kw: Any) -> Any:
+    """Hydra's composition of the config (with its hydra node); its errors as one line."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        return hydra.compose_config(config_name="config", overrides=list(overrides), run_mode=mode,
+                                    with_log_configuration=False, **kw)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise UsageError(_hydra_message(exc, overrides)) from None
+
+
+def _sweep_jobs(hydra: Any, master: Any) -> Optional[List[Job]]:
+    """The jobs of a sweep whose composed config is ``master``, as BasicSweeper expands them and
+    BasicLauncher composes each (None for another sweeper)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+    if OmegaConf.select(master, "hydra.sweeper._target_") != BASIC_SWEEPER:
+        return None
+    params = OmegaConf.to_container(master.hydra.sweeper, resolve=True).get("params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(
+        OmegaConf.to_container(master.hydra.overrides.task, resolve=False))
+    try:
+        parsed = OverridesParser.create(config_loader=hydra.config_loader).parse_overrides(arguments)
+        batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise UsageError(_hydra_message(exc, arguments)) from None
+    jobs = []
+    for num, job_overrides in enumerate(batches[0]):
+        job = Job(num, list(job_overrides), {}, "", multirun=True)
         try:
-            parsed = OverridesParser.create(config_loader=hydra.config_loader).parse_overrides(arguments)
-            batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
-        except (HydraException, OmegaConfBaseException, ValueError) as exc:
-            raise UsageError(_hydra_message(exc, arguments)) from None
-        jobs = []
-        for num, job_overrides in enumerate(batches[0]):
-            job = Job(num, list(job_overrides), {}, "", multirun=True)
             try:
-                try:
-                    cfg = hydra.config_loader.load_sweep_config(master, list(job_overrides))
-                except (HydraException, OmegaConfBaseException, ValueError) as exc:
-                    raise UsageError(_hydra_message(exc, job_overrides)) from None
-                with open_dict(cfg):
-                    cfg.hydra.job.id = num
-                    cfg.hydra.job.num = num
-                HydraConfig.instance().set_config(cfg)
-                job.run_dir = str(Path(_select(cfg, "hydra.sweep.dir")) / _select(cfg, "hydra.sweep.subdir"))
-                job.config = _task_config(cfg)
-            except (UsageError, ConfigError) as exc:
-                raise UsageError(f"{job.label}: {exc}") from None
-            jobs.append(job)
-        return jobs
+                cfg = hydra.config_loader.load_sweep_config(master, list(job_overrides))
+            except (HydraException, OmegaConfBaseException, ValueError) as exc:
+                raise UsageError(_hydra_message(exc, job_overrides)) from None
+            with open_dict(cfg):
+                cfg.hydra.job.id = num
+                cfg.hydra.job.num = num
+            HydraConfig.instance().set_config(cfg)
+            job.run_dir = str(Path(_select(cfg, "hydra.sweep.dir")) / _select(cfg, "hydra.sweep.subdir"))
+            job.config = _task_config(cfg)
+        except (UsageError, ConfigError) as exc:
+            raise UsageError(f"{job.label}: {exc}") from None
+        jobs.append(job)
+    return jobs
 
 
 # --------------------------------------------------------------------------- checks

@@ -137,7 +137,8 @@ def _supervise(cfg: Mapping[str, Any], out_dir: str):
 def _finalize(cfg: Mapping[str, Any], out_dir: str, code: int, forwarded: Optional[int]) -> str:
     """Record the exit code in the summary; if the worker left none or left it ``running``, write
     the final status here (the steps count from steps.csv) with a one-line message. Returns the status."""
-    summary = _read_summary(out_dir) or RunSummary.from_config(cfg).update(parent_process_id=os.getpid())
+    summary = _read_summary(out_dir) or RunSummary.from_config(cfg).update(
+        parent_process_id=os.getpid(), kernel_role=_kernel_role(cfg))
     died = summary.status == "running"
     if died:
         summary.update(**_steps_csv_totals(out_dir))
@@ -155,6 +156,13 @@ def _finalize(cfg: Mapping[str, Any], out_dir: str, code: int, forwarded: Option
         print(f"{'error' if forwarded is None else summary.status}: {summary.error}; files kept in {out_dir}",
               file=sys.stderr, flush=True)
     return summary.status
+
+
+def _kernel_role(cfg: Mapping[str, Any]) -> Optional[str]:
+    try:
+        return registry.kernel_decl(cfg["backend"], cfg["backend"]["kernel"]).role
+    except (KeyError, ConfigError):
+        return None
 
 
 def _read_summary(out_dir: str) -> Optional[RunSummary]:

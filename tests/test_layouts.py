@@ -1,4 +1,4 @@
-"""Each layout class's own rules (CONTRACT section 2) on random corpora: where it resets, how it
+"""Each layout class's own rules (docs/spec.md section 2) on random corpora: where it resets, how it
 pads, how packed balances its streams. The properties every strategy shares (every target once,
 determinism, the guarantees its yaml declares) are checked over conf/strategy/ in tests/test_plugins.py."""
 
