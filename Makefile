@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.resetbench-installed
 EXTRAS ?= all,dev
 ARGS   ?=
 
-.PHONY: setup bench test docs plots tables kernels exercise clean-venv
+.PHONY: setup bench test docs plots tables kernels study exercise clean-venv
 
 setup: $(STAMP)
 
@@ -34,9 +34,16 @@ clean-venv:
 plots: $(STAMP)
 	$(PY) -m benchmarks.plots
 
-# rebuild results/tables from the newest compare/waste/window/peers sweeps under results/runs
+# rebuild results/tables from the newest sweeps of each experiment under results/runs
 tables: $(STAMP)
-	$(PY) -m benchmarks.results results/runs --latest --experiments compare,waste,window,peers
+	$(PY) -m benchmarks.results results/runs --latest --experiments compare,waste,window,peers,study_verses,study_chapters,window_chapters
+
+# the fair study: tune learning rates per strategy, then every strategy x backend x seed (about an
+# hour and a half on 2 CPU cores); then make tables plots
+study: $(STAMP)
+	$(PY) -m benchmarks.study conf/study/verses.yaml
+	$(PY) -m benchmarks.study conf/study/chapters.yaml --phase final --lr-from verses
+	$(PY) run.py -m +experiment=window_chapters
 
 # kernel benchmark: every backend's kernels vs its native no-reset LSTM, matmul peaks
 # (results/tables/kernels.csv, matmul.csv, results/figures/kernels.png; ~15 min on 2 CPU cores)

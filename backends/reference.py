@@ -63,7 +63,40 @@ class LstmCell:
         return grads, dxp @ p["w_x"].T
 
 
-CELLS = {"lstm": LstmCell()}
+class GruCell:
+    """``conf/cell/gru.yaml`` in NumPy (nn.GRU's equations): state ``(h,)``, weights ``w_x``,
+    ``w_h``, ``b_x``, ``b_h``; the recurrent part ``h @ w_h + b_h`` enters n through ``r *``."""
+
+    def project(self, inp: np.ndarray, p: Mapping[str, np.ndarray]) -> np.ndarray:
+        return inp @ p["w_x"] + p["b_x"]
+
+    def step(self, state: State, xp_t: np.ndarray, p: Mapping[str, np.ndarray]) -> Tuple[State, Any]:
+        (h,) = state
+        H = h.shape[-1]
+        hp = h @ p["w_h"] + p["b_h"]
+        r = _sigmoid(xp_t[:, :H] + hp[:, :H])
+        z = _sigmoid(xp_t[:, H:2 * H] + hp[:, H:2 * H])
+        n = np.tanh(xp_t[:, 2 * H:] + r * hp[:, 2 * H:])
+        return ((1.0 - z) * n + z * h,), (h, hp, r, z, n)
+
+    def back(self, cache: Any, d_state: State, p: Mapping[str, np.ndarray]):
+        h, hp, r, z, n = cache
+        (dh,) = d_state
+        H = h.shape[-1]
+        da_n = dh * (1.0 - z) * (1.0 - n * n)                # through n's pre-activation
+        da_r = da_n * hp[:, 2 * H:] * r * (1.0 - r)
+        da_z = dh * (h - n) * z * (1.0 - z)
+        dxp = np.concatenate([da_r, da_z, da_n], axis=1)      # w.r.t. x w_x + b_x
+        dhp = np.concatenate([da_r, da_z, da_n * r], axis=1)  # w.r.t. h w_h + b_h
+        return dxp, (dh * z + dhp @ p["w_h"].T,), {"w_h": h.T @ dhp, "b_h": dhp.sum(axis=0)}
+
+    def input_grads(self, inp: np.ndarray, dxp: np.ndarray, p: Mapping[str, np.ndarray]):
+        G = dxp.shape[-1]
+        grads = {"w_x": inp.reshape(-1, inp.shape[-1]).T @ dxp.reshape(-1, G), "b_x": dxp.sum(axis=(0, 1))}
+        return grads, dxp @ p["w_x"].T
+
+
+CELLS = {"lstm": LstmCell(), "gru": GruCell()}
 
 
 def _layer(w: Mapping[str, np.ndarray], cell: str, layer: int) -> Dict[str, np.ndarray]:

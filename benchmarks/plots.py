@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from benchmarks import registry  # noqa: E402
+from benchmarks.study_report import format_ranking, plot_study_curves, ranking  # noqa: E402
 
 PEER = "peer"   # the pseudo-strategy of runs of a framework's own variable-length baseline (see select)
 # by sorted name: packed, padded, peer, reset_all keep their colors (then the rest of tab10), and
@@ -528,7 +529,30 @@ def figure_specs(suffix: str = "") -> List[Tuple[str, Callable[[Mapping[str, pd.
         ("lengths.png", lambda t, p: plot_lengths(t["lengths"], p)),
         ("loss_vs_window.png", lambda t, p: plot_loss_vs_window(t["runs"], p, win)),
         ("kernels.png", lambda t, p: kernels_figure(t.get("kernels"), t.get("matmul"), p)),
+        *[(f"{e}.png", lambda t, p, e=e: plot_study_curves(t["evals"], t["runs"], p, f"{e}{suffix}"))
+          for e in STUDIES],
+        ("loss_vs_window_chapters.png", lambda t, p: plot_loss_vs_window(t["runs"], p, f"window_chapters{suffix}")),
     ]
+
+
+# the fair study's experiments (benchmarks/study.py): a ranking table and eval-loss curves each
+STUDIES = ("study_verses", "study_chapters")
+
+
+def write_rankings(runs: pd.DataFrame, out: str, suffix: str = "", echo: Callable[[str], None] = print) -> List[str]:
+    """``ranking_<study>.csv`` (numbers) and ``.md`` (medians with intervals) for every study with runs."""
+    written = []
+    for study in STUDIES:
+        table = ranking(runs, f"{study}{suffix}")
+        if not len(table):
+            echo(f"  skipped ranking_{study}: no completed final runs of {study}{suffix}")
+            continue
+        table.to_csv(os.path.join(out, f"ranking_{study}.csv"), index=False, float_format="%.6g")
+        with open(os.path.join(out, f"ranking_{study}.md"), "w") as fh:
+            fh.write(to_markdown(format_ranking(table)))
+        written += [os.path.join(out, f"ranking_{study}.{ext}") for ext in ("csv", "md")]
+        echo(f"  wrote {written[-1]}")
+    return written
 
 
 def build_all(tables: Mapping[str, pd.DataFrame], out: str, suffix: str = "",
@@ -555,7 +579,7 @@ def build_all(tables: Mapping[str, pd.DataFrame], out: str, suffix: str = "",
         echo(f"  wrote {os.path.join(out, 'summary.md')}")
     else:
         echo(f"  skipped summary table: no completed compare{suffix} runs")
-    return written
+    return written + write_rankings(tables["runs"], out, suffix, echo)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -255,11 +255,13 @@ def collect_many(roots: Sequence[str], warn: bool = True) -> Tuple[pd.DataFrame,
 
 # --------------------------------------------------------------------------- shaping for commit
 def latest_sweeps(runs: pd.DataFrame) -> pd.DataFrame:
-    """Only the newest sweep of each experiment (sweep names end in a timestamp)."""
+    """Only the newest campaign of each experiment: the newest sweep directory, or for a study
+    (``benchmarks.study``: one folder of sweeps) the newest folder (names end in a timestamp)."""
     if not len(runs):
         return runs
-    newest = runs.groupby("experiment")["sweep"].max()
-    return runs[runs["sweep"] == runs["experiment"].map(newest)].reset_index(drop=True)
+    campaign = runs["sweep"].astype(str).str.split("/").str[0]
+    newest = campaign.groupby(runs["experiment"]).max()
+    return runs[campaign == runs["experiment"].map(newest)].reset_index(drop=True)
 
 
 def downsample_steps(steps: pd.DataFrame, every: int) -> pd.DataFrame:

@@ -85,7 +85,8 @@ def _band(curves: Sequence[pd.DataFrame], x: str, points: int = 60):
 
 def plot_study_curves(evals: pd.DataFrame, runs: pd.DataFrame, path: str, experiment: str) -> str:
     """Eval loss against training time, tokens and steps; rows: backends; lines: strategies."""
-    from benchmarks.plots import NoData, _save, plt, strategy_color
+    from benchmarks import plots
+    NoData, plt = plots.NoData, plots.plt
     df = final_runs(runs, experiment)
     if not len(df) or evals is None or not len(evals):
         raise NoData(f"no completed final runs of {experiment}")
@@ -102,7 +103,7 @@ def plot_study_curves(evals: pd.DataFrame, runs: pd.DataFrame, path: str, experi
                 if not curves:
                     continue
                 grid, mid, lo, hi = _band(curves, x)
-                color = strategy_color(strategy)
+                color = plots.strategy_color(strategy)
                 ax.plot(grid, mid, color=color, label=f"{strategy} (lr {g['lr'].median():g})")
                 ax.fill_between(grid, lo, hi, color=color, alpha=0.2, linewidth=0)
             if target is not None:
@@ -115,19 +116,21 @@ def plot_study_curves(evals: pd.DataFrame, runs: pd.DataFrame, path: str, experi
                 ax.legend(fontsize=7)
     fig.suptitle(f"{experiment}: eval loss (median over seeds, band: their range; dotted: the ranking target)")
     fig.tight_layout()
-    return _save(fig, path)
+    return plots._save(fig, path)
 
 
 def format_ranking(table: pd.DataFrame) -> pd.DataFrame:
     """The ranking for people: intervals as ``median [lo, hi]`` strings."""
-    def ci(m, lo, hi, fmt):
+    def ci(m, lo, hi, fmt, floor=None):
         if m is None or (isinstance(m, float) and math.isnan(m)):
             return "-"
+        lo = lo if floor is None or math.isnan(lo) else max(lo, floor)     # a time is never negative
         inner = "" if (isinstance(lo, float) and math.isnan(lo)) else f" [{lo:{fmt}}, {hi:{fmt}}]"
         return f"{m:{fmt}}{inner}"
     out = table[["backend", "rank", "strategy", "lr", "seeds"]].copy()
     if "time_to_target_s" in table.columns:
-        out["time to target (s)"] = [ci(r.time_to_target_s, r.time_ci_lo, r.time_ci_hi, ".0f") for r in table.itertuples()]
+        out["time to target (s)"] = [ci(r.time_to_target_s, r.time_ci_lo, r.time_ci_hi, ".0f", 0.0)
+                                     for r in table.itertuples()]
         out["reached"] = table["reached"]
         out["tokens to target"] = table["tokens_to_target"].map(lambda v: "-" if pd.isna(v) else f"{v:,.0f}")
         out["steps to target"] = table["steps_to_target"].map(lambda v: "-" if pd.isna(v) else f"{v:,.0f}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Dict, Tuple
 
@@ -24,22 +25,30 @@ def backend_names(include_oracle: bool = False):
 
 
 def backend_variants():
-    """``"backend:kernel"`` for every exact (reset-aware) kernel each registered backend declares,
-    except those ``slow_to_build`` (minutes of compilation per window shape: their own test files
-    run the oracle parity on one shape, e.g. tests/test_torch_kernels.py)."""
+    """``"backend:kernel:cell"`` for every exact (reset-aware) kernel each registered backend
+    declares and every cell it runs, except kernels ``slow_to_build`` (minutes of compilation per
+    window shape: their own test files run the oracle parity on one shape, e.g.
+    tests/test_torch_kernels.py)."""
     out = []
     for name in backend_names():
         decls = registry.kernel_decls(registry.backend_configs()[name])
-        out += [f"{name}:{k}" for k, d in decls.items() if d.role == "exact" and not d.slow_to_build]
+        out += [f"{name}:{k}:{cell}" for k, d in decls.items() if d.role == "exact" and not d.slow_to_build
+                for cell in d.cells]
     return out
 
 
+def variant_spec(variant: str, spec: ModelSpec = None) -> ModelSpec:
+    """``spec`` (default :data:`TINY`) with the cell of a ``"backend:kernel:cell"`` variant."""
+    parts = variant.split(":")
+    spec = spec or TINY
+    return dataclasses.replace(spec, cell=parts[2]) if len(parts) > 2 else spec
+
+
 def make_variant(variant: str, spec: ModelSpec, weights, optimizer: OptimizerSpec, batch_size: int, **kw):
-    """:func:`make_backend` for a ``"backend:kernel"`` string from :func:`backend_variants`."""
-    name, _, kernel = variant.partition(":")
-    if kernel:
-        kw["kernel"] = kernel
-    return make_backend(name, spec, weights, optimizer, batch_size, **kw)
+    """:func:`make_backend` for a ``"backend:kernel[:cell]"`` string from :func:`backend_variants`
+    (the cell is ``spec``'s: see :func:`variant_spec`)."""
+    name, kernel = variant.split(":")[:2]
+    return make_backend(name, spec, weights, optimizer, batch_size, kernel=kernel, **kw)
 
 
 def make_backend(name: str, spec: ModelSpec, weights, optimizer: OptimizerSpec, batch_size: int, **kw):
@@ -83,11 +92,11 @@ def mid_reset_batches(seed: int, B: int = 4, T: int = 9, n: int = 3):
     return out
 
 
-def random_state(seed: int, spec: ModelSpec, B: int, scale: float = 0.5) -> Tuple[np.ndarray, np.ndarray]:
+def random_state(seed: int, spec: ModelSpec, B: int, scale: float = 0.5) -> Tuple[np.ndarray, ...]:
+    """A random carried state: one ``[L, B, H]`` array per state component of the spec's cell."""
     rng = np.random.default_rng(seed)
     shape = (spec.layers, B, spec.hidden)
-    return ((rng.standard_normal(shape) * scale).astype(np.float32),
-            (rng.standard_normal(shape) * scale).astype(np.float32))
+    return tuple((rng.standard_normal(shape) * scale).astype(np.float32) for _ in spec.state_names)
 
 
 def oracle(spec: ModelSpec, weights, optimizer: OptimizerSpec, B: int) -> ref.NumpyBackend:
@@ -112,16 +121,17 @@ def tiny_weights(seed: int = 0, spec: ModelSpec = TINY) -> Dict[str, np.ndarray]
     w = init_weights(spec, seed)
     rng = np.random.default_rng(seed + 1)
     for k in w:
-        if k.endswith(".b"):
+        if k.rsplit(".", 1)[-1].startswith("b"):          # every bias (lstm .b, gru .b_x .b_h, head.b)
             w[k] = (w[k] + rng.normal(0, 0.3, size=w[k].shape)).astype(np.float32)
     return w
 
 
-def check_parity(backend: str, kernel: str, spec: ModelSpec, batches, h0=None, c0=None,
+def check_parity(backend: str, kernel: str, spec: ModelSpec, batches, state=None,
                  optimizer: OptimizerSpec = OptimizerSpec("sgd", lr=0.5), padded: bool = False, prepare=None):
     """One kernel of a backend against the oracle, from the same weights and carried state:
     logits (and state) on batches[0], loss and every gradient on batches[1], the loss of a train
-    step per batch and the weights after them. ``padded``: logits compared where the mask counts,
+    step per batch and the weights after them. ``state``: the carried state to start from (one
+    ``[L, B, H]`` array per state component of ``spec.cell``), else zeros. ``padded``: logits compared where the mask counts,
     the state not (a peer kernel stops each row at its length). ``prepare(backend)`` runs first
     (e.g. precompile). Returns the backend and the oracle, for more checks."""
     B = batches[0].x.shape[0]
@@ -130,13 +140,13 @@ def check_parity(backend: str, kernel: str, spec: ModelSpec, batches, h0=None, c
     orc = oracle(spec, w, optimizer, B)
     if prepare is not None:
         prepare(be)
-    if h0 is not None:
+    if state is not None:
         for target in (be, orc):
-            target.set_state(h0, c0)
+            target.set_state(*state)
     valid = batches[0].mask.astype(bool) if padded else np.ones(batches[0].x.shape, bool)
     assert_close(be.forward(batches[0])[valid], orc.forward(batches[0])[valid], "logits")
     if not padded:
-        for got, exp, what in zip(be.get_state(), orc.get_state(), "hc"):
+        for got, exp, what in zip(be.get_state(), orc.get_state(), spec.state_names):
             assert_close(got, exp, f"state {what} after the window")
     loss, grads = be.gradients(batches[1])
     loss_ref, grads_ref = orc.gradients(batches[1])

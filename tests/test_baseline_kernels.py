@@ -6,6 +6,8 @@ backend that declares a baseline kernel gets these tests. Model: 2 layers; Adam 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -19,9 +21,11 @@ ADAM = OptimizerSpec("adam", lr=0.01, clip_norm=0.5)
 
 
 def _declaring(role):
-    """``"backend:kernel"`` for every kernel with ``role`` that a (non-oracle) backend declares."""
-    return [f"{b}:{name}" for b in backend_names()
-            for name, decl in registry.kernel_decls(registry.backend_configs()[b]).items() if decl.role == role]
+    """``"backend:kernel:cell"`` for every kernel with ``role`` that a (non-oracle) backend
+    declares, and every cell it runs."""
+    return [f"{b}:{name}:{cell}" for b in backend_names()
+            for name, decl in registry.kernel_decls(registry.backend_configs()[b]).items() if decl.role == role
+            for cell in decl.cells]
 
 
 def _ids(rng, B, T):
@@ -37,22 +41,23 @@ def padded_batch(rng, lengths, T):
     return Batch(_ids(rng, B, T), _ids(rng, B, T), mask, reset)
 
 
-def check_parity(backend, kernel, batches, h0=None, c0=None, padded=False):
-    return helpers.check_parity(backend, kernel, SPEC, batches, h0, c0, ADAM, padded)
+def _split(variant):
+    backend, kernel, cell = variant.split(":")
+    return backend, kernel, dataclasses.replace(SPEC, cell=cell)
 
 
-def check_exact_eval(be, B, h0, c0):
+def check_exact_eval(be, spec, B, state):
     """``eval_step`` is exact on windows with mid-window resets (the packed eval streams)."""
     mid = mid_reset_batches(44, B=B, T=8)[0]
-    orc = oracle(SPEC, be.get_weights(), ADAM, B)
+    orc = oracle(spec, be.get_weights(), ADAM, B)
     for target in (be, orc):
-        target.set_state(h0, c0)
+        target.set_state(*state)
     assert_close(be.eval_step(mid), orc.eval_step(mid), "eval loss sum (mid-window resets)")
 
 
 @pytest.mark.parametrize("variant", _declaring("native"))
 def test_native_matches_oracle_without_mid_window_resets(variant):
-    backend, kernel = variant.split(":")
+    backend, kernel, spec = _split(variant)
     B, T = 4, 8
     rng = np.random.default_rng(42)
     batches = []
@@ -64,9 +69,9 @@ def test_native_matches_oracle_without_mid_window_resets(variant):
         mask = np.ones((B, T), np.float32)
         mask[1, T - 3:] = 0.0                        # padding in the mask
         batches.append(Batch(_ids(rng, B, T), _ids(rng, B, T), mask, reset))
-    h0, c0 = random_state(43, SPEC, B)               # a carried, non-zero state
-    be, orc = check_parity(backend, kernel, batches, h0, c0)
-    for got, exp, what in zip(be.get_state(), orc.get_state(), "hc"):
+    state = random_state(43, spec, B)                # a carried, non-zero state
+    be, orc = helpers.check_parity(backend, kernel, spec, batches, state, ADAM)
+    for got, exp, what in zip(be.get_state(), orc.get_state(), spec.state_names):
         assert_close(got, exp, f"state {what} after training", rtol=5e-4, atol_scale=5e-5)
     # a mid-window reset is refused before anything runs, in every entry point
     mid = mid_reset_batches(44, B=B, T=T)[0]
@@ -74,28 +79,28 @@ def test_native_matches_oracle_without_mid_window_resets(variant):
     for call in (be.train_step, be.gradients, be.forward):
         with pytest.raises(ValueError, match="mid-window"):
             call(mid)
-    np.testing.assert_array_equal(be.get_weights()["lstm.1.w_h"], weights["lstm.1.w_h"])
-    check_exact_eval(be, B, h0, c0)
+    np.testing.assert_array_equal(be.get_weights()[f"{spec.cell}.1.w_h"], weights[f"{spec.cell}.1.w_h"])
+    check_exact_eval(be, spec, B, state)
 
 
 @pytest.mark.parametrize("variant", _declaring("peer"))
 def test_peer_matches_oracle_on_padded_batches_and_refuses_other_layouts(variant):
-    backend, kernel = variant.split(":")
+    backend, kernel, spec = _split(variant)
     rng = np.random.default_rng(45)
     batches = [padded_batch(rng, lengths, 9) for lengths in ([9, 3, 6, 1], [2, 9, 9, 5], [4, 7, 9, 8])]
-    be, _ = check_parity(backend, kernel, batches, padded=True)
+    be, _ = helpers.check_parity(backend, kernel, spec, batches, None, ADAM, padded=True)
     # the state left is each row's state after its last valid token: the oracle on that prefix
     # (the only check that sees a missing mask: on right-padded rows loss and gradients do not)
     last = batches[-1]
-    orc = oracle(SPEC, be.get_weights(), ADAM, 4)
+    orc = oracle(spec, be.get_weights(), ADAM, 4)
     be.forward(last)
-    h, c = be.get_state()
+    state = be.get_state()
     for row, n in enumerate(last.mask.sum(1).astype(int)):
         orc.reset_state(1)
         orc.forward(Batch(last.x[row:row + 1, :n], last.y[row:row + 1, :n], last.mask[row:row + 1, :n],
                           last.reset[row:row + 1, :n]))
-        assert_close(h[:, row], orc.get_state()[0][:, 0], f"peer h of row {row}")
-        assert_close(c[:, row], orc.get_state()[1][:, 0], f"peer c of row {row}")
+        for got, exp, what in zip(state, orc.get_state(), spec.state_names):
+            assert_close(got[:, row], exp[:, 0], f"peer {what} of row {row}")
     # a batch without a layout property the kernel declares in ``needs`` is refused, naming it
     needs = registry.kernel_decl(registry.backend_configs()[backend], kernel).needs
     assert needs, f"{variant}: a peer kernel consumes padded batches only, so it needs layout properties"
@@ -105,7 +110,7 @@ def test_peer_matches_oracle_on_padded_batches_and_refuses_other_layouts(variant
         for call in (be.train_step, be.gradients):
             with pytest.raises(ValueError, match=f"needs {prop}: .*{why}"):
                 call(batch)
-    check_exact_eval(be, 4, *random_state(47, SPEC, 4))
+    check_exact_eval(be, spec, 4, random_state(47, spec, 4))
 
 
 def lacking(batch, prop):

@@ -1,11 +1,14 @@
 """Backend conformance: every registered adapter against the NumPy oracle, in float32 tolerance.
 
-Parametrized over ``conf/backend/*.yaml`` and every kernel with role ``exact`` each declares
-(except those ``slow_to_build``): adding a backend or a kernel adds it here. Every batch has
+Parametrized over ``conf/backend/*.yaml``, every kernel with role ``exact`` each declares (except
+those ``slow_to_build``) and every cell the kernel runs (its ``cells``): adding a backend, a kernel
+or a cell adds it here. Every batch has
 mid-window resets and starts from a carried (non-zero) state.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -14,8 +17,9 @@ from backends import reference as ref
 from backends.base import Batch, OptimizerSpec, canonical_shapes
 from resetbench.corpus import Corpus
 from resetbench.layouts import Packed
+from backends.cells import cell_names
 from tests.helpers import (TINY, assert_close, backend_variants, make_variant, mid_reset_batches,
-                           oracle, random_batch, random_state, tiny_weights)
+                           oracle, random_batch, random_state, tiny_weights, variant_spec)
 
 BACKENDS = backend_variants()
 SGD = OptimizerSpec("sgd", lr=0.5)
@@ -27,16 +31,22 @@ def name(request):
     return request.param
 
 
-def _pair(name, optimizer=SGD, batch_size=B, spec=TINY, seed=0, **kw):
+def _pair(name, optimizer=SGD, batch_size=B, seed=0, **kw):
+    spec = variant_spec(name)
     w = tiny_weights(seed, spec)
     return make_variant(name, spec, w, optimizer, batch_size, **kw), oracle(spec, w, optimizer, batch_size)
 
 
+def _state(seed, name, rows=B, scale=0.5):
+    """A random carried state for the variant's cell (one array per state component)."""
+    return random_state(seed, variant_spec(name), rows, scale)
+
+
 def test_weights_roundtrip(name):
     be, _ = _pair(name)
-    w = tiny_weights(0)
+    w = tiny_weights(0, variant_spec(name))
     got = be.get_weights()
-    assert set(got) == set(canonical_shapes(TINY))
+    assert set(got) == set(canonical_shapes(variant_spec(name)))
     for k in w:
         assert got[k].dtype == np.float32
         np.testing.assert_array_equal(got[k], w[k], err_msg=k)
@@ -44,21 +54,21 @@ def test_weights_roundtrip(name):
 
 def test_forward_logits_and_carried_state(name):
     be, orc = _pair(name)
-    h0, c0 = random_state(1, TINY, B)
+    state = _state(1, name)
     for i, batch in enumerate(mid_reset_batches(2)):
         if i == 0:
-            be.set_state(h0, c0)
-            orc.set_state(h0, c0)
+            be.set_state(*state)
+            orc.set_state(*state)
         assert_close(be.forward(batch), orc.forward(batch), f"logits window {i}")
-        for got, exp, what in zip(be.get_state(), orc.get_state(), "hc"):
+        for got, exp, what in zip(be.get_state(), orc.get_state(), variant_spec(name).state_names):
             assert_close(got, exp, f"state {what} after window {i}")
 
 
 def test_loss_and_every_gradient(name):
     be, orc = _pair(name)
-    h0, c0 = random_state(3, TINY, B)
-    be.set_state(h0, c0)
-    orc.set_state(h0, c0)
+    state = _state(3, name)
+    be.set_state(*state)
+    orc.set_state(*state)
     for i, batch in enumerate(mid_reset_batches(4)):
         loss, grads = be.gradients(batch)
         loss_ref, grads_ref = orc.gradients(batch)
@@ -74,9 +84,9 @@ def test_loss_and_every_gradient(name):
                          ids=["sgd", "adam_clip"])
 def test_weights_after_three_steps(name, optimizer):
     be, orc = _pair(name, optimizer)
-    h0, c0 = random_state(5, TINY, B)
-    be.set_state(h0, c0)
-    orc.set_state(h0, c0)
+    state = _state(5, name)
+    be.set_state(*state)
+    orc.set_state(*state)
     w0 = tiny_weights(0)
     for i, batch in enumerate(mid_reset_batches(6)):
         assert_close(float(be.train_step(batch)), orc.train_step(batch), f"loss step {i}")
@@ -89,9 +99,9 @@ def test_weights_after_three_steps(name, optimizer):
 
 def test_eval_step_is_masked_sum(name):
     be, orc = _pair(name)
-    h0, c0 = random_state(7, TINY, B)
-    be.set_state(h0, c0)
-    orc.set_state(h0, c0)
+    state = _state(7, name)
+    be.set_state(*state)
+    orc.set_state(*state)
     batch = mid_reset_batches(8)[2]  # has padding in row 0
     assert_close(be.eval_step(batch), orc.eval_step(batch), "eval sum of ce * mask")
 
@@ -101,10 +111,10 @@ def test_two_windows_equal_one(name):
     be, _ = _pair(name)
     rng = np.random.default_rng(9)
     long = random_batch(rng, B, 2 * T, resets=[(0, 4), (1, T), (2, T + 3)])
-    h0, c0 = random_state(10, TINY, B)
-    be.set_state(h0, c0)
+    state = _state(10, name)
+    be.set_state(*state)
     whole = be.forward(long)
-    be.set_state(h0, c0)
+    be.set_state(*state)
     halves = [be.forward(Batch(long.x[:, s], long.y[:, s], long.mask[:, s], long.reset[:, s]))
               for s in (slice(0, T), slice(T, 2 * T))]
     assert_close(np.concatenate(halves, axis=1), whole, "two windows vs one")
@@ -120,8 +130,7 @@ def test_packed_outputs_equal_each_sequence_alone(name):
     assert grid["reset"][:, 1:].any(), "need a reset that is not at column 0"
     be, _ = _pair(name, batch_size=2)
     be.reset_state(2)
-    h0, c0 = random_state(12, TINY, 2, scale=2.0)   # garbage carried state: resets must erase it
-    be.set_state(h0, c0)
+    be.set_state(*_state(12, name, 2, scale=2.0))   # garbage carried state: resets must erase it
     W = grid["x"].shape[1]
     packed = np.concatenate([be.forward(Batch(grid["x"][:, s:s + 5], grid["y"][:, s:s + 5],
                                               grid["mask"][:, s:s + 5], grid["reset"][:, s:s + 5]))
@@ -154,14 +163,14 @@ def test_no_gradient_crosses_a_reset(name):
     be, _ = _pair(name)
     losses = []
     for seed in (13, 14):
-        be.set_state(*random_state(seed, TINY, B, scale=3.0))
+        be.set_state(*_state(seed, name, scale=3.0))
         loss, grads = be.gradients(batch)
         losses.append(loss)
         assert np.all(grads["embedding"][1:5] == 0), "gradient leaked across the reset"
         assert np.abs(grads["embedding"][10]).max() > 0
     assert_close(losses[0], losses[1], "loss independent of the state before the reset")
     # control: without the reset, the same inputs do get a gradient (the test can fail)
-    be.set_state(*random_state(13, TINY, B, scale=3.0))
+    be.set_state(*_state(13, name, scale=3.0))
     _, grads = be.gradients(Batch(x, y, mask, np.zeros_like(reset)))
     assert np.abs(grads["embedding"][1:5]).max() > 0
 
@@ -169,19 +178,21 @@ def test_no_gradient_crosses_a_reset(name):
 def test_set_state_changes_row_count(name):
     be, _ = _pair(name)
     be.reset_state(3)
-    h, c = be.get_state()
-    assert h.shape == c.shape == (TINY.layers, 3, TINY.hidden)
-    assert not h.any() and not c.any()
+    state = be.get_state()
+    assert len(state) == len(variant_spec(name).state_names)
+    assert all(s.shape == (TINY.layers, 3, TINY.hidden) and not s.any() for s in state)
 
 
-def test_oracle_float32_matches_float64():
+@pytest.mark.parametrize("cell", cell_names())
+def test_oracle_float32_matches_float64(cell):
     """The float32 oracle (``backend=numpy``) agrees with its float64 self."""
-    w = tiny_weights(0)
-    a = ref.NumpyBackend(TINY, w, SGD, B)
-    b = oracle(TINY, w, SGD, B)
-    h0, c0 = random_state(15, TINY, B)
-    a.set_state(h0, c0)
-    b.set_state(h0, c0)
+    spec = dataclasses.replace(TINY, cell=cell)
+    w = tiny_weights(0, spec)
+    a = ref.NumpyBackend(spec, w, SGD, B)
+    b = oracle(spec, w, SGD, B)
+    state = random_state(15, spec, B)
+    a.set_state(*state)
+    b.set_state(*state)
     for i, batch in enumerate(mid_reset_batches(16)):
         la, ga = a.gradients(batch)
         lb, gb = b.gradients(batch)
@@ -195,12 +206,12 @@ def test_a_reset_clears_a_nan_state(name):
     after the row's reset, mid-window (row 0, column 6) and at column 0 (row 1); rows without a
     NaN stay finite everywhere. Row 0 before its reset shows the NaN, so the check can fail."""
     be, orc = _pair(name)
-    h0, c0 = random_state(17, TINY, B)
-    for state in (h0, c0):
-        state[:, :2] = np.nan                       # rows 0 and 1 carry NaN in every layer
+    state = _state(17, name)
+    for component in state:
+        component[:, :2] = np.nan                   # rows 0 and 1 carry NaN in every layer
     batch = random_batch(np.random.default_rng(18), B, T, resets=[(0, 6), (1, 0), (2, 4)])
     for target in (be, orc):
-        target.set_state(h0, c0)
+        target.set_state(*state)
     logits, expected = be.forward(batch), orc.forward(batch)
     assert not np.isfinite(logits[0, :6]).all(), "row 0 must be poisoned before its reset"
     assert np.isfinite(logits[0, 6:]).all(), "a NaN state crossed a mid-window reset"

@@ -3,31 +3,36 @@ mid-window reset, a carried state from a previous window, padding, and two stack
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from backends import reference as ref
 from backends.base import ModelSpec
+from backends.cells import cell_names
 from tests.helpers import mid_reset_batches, random_state, tiny_weights
 
 SPEC = ModelSpec(embed=3, hidden=4, layers=2)
+CELLS = cell_names()
 
 
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("window", [0, 1, 2])
-def test_backward_matches_finite_differences(window):
-    w = {k: v.astype(np.float64) for k, v in tiny_weights(0, SPEC).items()}
+def test_backward_matches_finite_differences(window, cell):
+    spec = dataclasses.replace(SPEC, cell=cell)
+    w = {k: v.astype(np.float64) for k, v in tiny_weights(0, spec).items()}
     batches = mid_reset_batches(21, B=3, T=6)
-    h, c = random_state(22, SPEC, 3)
-    h, c = h.astype(np.float64), c.astype(np.float64)
+    state = tuple(s.astype(np.float64) for s in random_state(22, spec, 3))
     # carry the state of the earlier windows, as training would
     for b in batches[:window]:
-        _, _, (h, c) = ref.forward(w, b, (h, c), SPEC)
+        _, _, state = ref.forward(w, b, state, spec)
     batch = batches[window]
     assert batch.reset[:, 1:].any(), "the batch needs a mid-window reset"
-    assert np.abs(h).max() > 0.01, "the batch needs a carried (non-zero) state"
-    logits, cache, _ = ref.forward(w, batch, (h, c), SPEC)
+    assert np.abs(state[0]).max() > 0.01, "the batch needs a carried (non-zero) state"
+    logits, cache, _ = ref.forward(w, batch, state, spec)
     _, probs = ref.cross_entropy(logits, batch.y)
-    grads = ref.backward(w, batch, cache, probs, SPEC)
+    grads = ref.backward(w, batch, cache, probs, spec)
     rng = np.random.default_rng(window)
     eps = 1e-6
     for key, value in w.items():
@@ -39,9 +44,9 @@ def test_backward_matches_finite_differences(window):
         for i in idx:
             old = flat[i]
             flat[i] = old + eps
-            up = ref.loss_fn(w, batch, (h, c), SPEC)
+            up = ref.loss_fn(w, batch, state, spec)
             flat[i] = old - eps
-            down = ref.loss_fn(w, batch, (h, c), SPEC)
+            down = ref.loss_fn(w, batch, state, spec)
             flat[i] = old
             numeric = (up - down) / (2 * eps)
             analytic = grads[key].reshape(-1)[i]

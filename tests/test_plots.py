@@ -102,7 +102,8 @@ def test_missing_experiment_is_a_note_not_a_crash(tables, tmp_path):
     assert {"throughput.png", "padding.png", "loss_vs_time.png", "summary.md"} <= names
     assert "gain_vs_padding.png" not in names and "loss_vs_window.png" not in names
     skipped = [n for n in notes if n.strip().startswith("skipped")]
-    assert len(skipped) == 3, notes                   # gain, lengths, window
+    # gain, lengths, window, the two study figures, window_chapters, the two study rankings
+    assert len(skipped) == 8, notes
     with pytest.raises(plots.NoData):
         plots.plot_loss_vs_window(only_compare["runs"], str(tmp_path / "w.png"))
 
@@ -125,13 +126,16 @@ def test_cli_rebuilds_from_tables_and_survives_empty(tables, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
-    assert len(pngs) == 8 and all(_is_png(out / p) for p in pngs)
+    assert len(pngs) == len(plots.figure_specs()) and all(_is_png(out / p) for p in pngs)
+    assert {f"ranking_{s}.md" for s in plots.STUDIES} <= set(os.listdir(out))
     assert (out / "summary.md").read_text().count("\n") == 11
     empty = tmp_path / "empty"
     empty.mkdir()
     r = subprocess.run([sys.executable, "-m", "benchmarks.plots", "--tables", str(empty), "--out", str(tmp_path / "f2")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.count("skipped") == 9, r.stdout + r.stderr
+    # every figure, the summary table and the study rankings
+    expected = len(plots.figure_specs()) + 1 + len(plots.STUDIES)
+    assert r.returncode == 0 and r.stdout.count("skipped") == expected, r.stdout + r.stderr
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(COMMITTED, "runs.csv")),

@@ -17,7 +17,8 @@ import pytest
 
 pd = pytest.importorskip("pandas")    # the analysis extra: pip install -e '.[analysis]'
 
-from benchmarks import results  # noqa: E402
+from benchmarks import results
+from benchmarks.targets import AXES, time_to_targets  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_COLUMNS = ("step", "epoch", "loss", "valid_tokens", "total_slots", "step_time_s", "elapsed_s", "timed")
@@ -28,7 +29,8 @@ RATE = {"torch": 10000.0, "jax": 14000.0, "keras": 12000.0}
 
 def fabricate_run(run_dir, *, experiment="compare", backend="torch", strategy="packed", seed=0,
                   window=64, sigma=None, data="kjv", steps=12, status="completed", rate=None,
-                  pad=None, summary=True, hydra=True, eval_every=4, torn_last_line=False):
+                  pad=None, summary=True, hydra=True, eval_every=4, torn_last_line=False, lr=0.002,
+                  heldout=None, targets=(), unit=None):
     """One run directory as the harness writes it (summary.json with a nested config, steps.csv,
     evals.csv, .hydra/config.yaml). Returns the summary dict (None when ``summary`` is False)."""
     os.makedirs(run_dir, exist_ok=True)
@@ -40,10 +42,12 @@ def fabricate_run(run_dir, *, experiment="compare", backend="torch", strategy="p
     length = {"dist": "lognormal", "median": 48, "sigma": sigma} if sigma is not None else None
     config = {"backend": {"name": backend, "_target_": f"backends.{backend}_lstm.X", "requires": [backend]},
               "strategy": {"name": strategy, **({"pad_multiple": 16} if strategy == "padded" else {})},
-              "data": {"name": data, **({"length": length} if length else {})},
+              "data": {"name": data, **({"length": length} if length else {}),
+                       **({"heldout": heldout} if heldout else {}), **({"unit": unit} if unit else {})},
               "model": {"embed": 4, "hidden": 8, "layers": 1, "init": None},
               "train": {"batch_size": B, "window": window, "seed": seed, "steps": None, "max_valid_tokens": 1000},
-              "eval": {"every_steps": eval_every}, "device": "auto", "experiment": experiment}
+              "eval": {"every_steps": eval_every, "targets": list(targets)}, "device": "auto",
+              "experiment": experiment}
     if hydra:
         os.makedirs(os.path.join(run_dir, ".hydra"), exist_ok=True)
         import yaml
@@ -58,6 +62,7 @@ def fabricate_run(run_dir, *, experiment="compare", backend="torch", strategy="p
         ws, we = csv.writer(fs), csv.writer(fe)
         ws.writerow(STEP_COLUMNS)
         we.writerow(EVAL_COLUMNS)
+        history = []
         for k in range(1, steps + 1):
             dt = valid / rate
             elapsed += dt
@@ -65,6 +70,7 @@ def fabricate_run(run_dir, *, experiment="compare", backend="torch", strategy="p
             ws.writerow((k, 0, f"{loss:.4f}", valid, slots, f"{dt:.6f}", f"{elapsed:.6f}", int(k > 1)))
             if k % eval_every == 0 or (k == steps and status == "completed"):
                 we.writerow((k, k * valid, f"{elapsed:.6f}", f"{loss + 0.05:.4f}", 997, "0.01"))
+                history.append({"train_s": elapsed, "tokens": k * valid, "steps": k, "eval_loss": loss + 0.05})
         if torn_last_line:
             fs.write(f"{steps + 1},0,4.1")      # a write cut off mid-line
     if not summary:
@@ -80,7 +86,9 @@ def fabricate_run(run_dir, *, experiment="compare", backend="torch", strategy="p
          "host_memory_bytes": 8 << 30, "platform": "Linux-test", "python_version": "3.11.0",
          "numpy_version": "2.0.0", f"{backend}_version": "1.0", "framework_version": "1.0",
          "peak_mem_bytes": 1 << 28, "stop_reason": "token_budget" if status == "completed" else status,
-         "config": config}
+         "lr": lr, "targets": list(targets), "config": config}
+    for t, hit in time_to_targets(history, targets).items():
+        s.update({f"ttt_{a}@{t}": (hit or {}).get(a) for a in AXES})
     with open(os.path.join(run_dir, "summary.json"), "w") as fh:
         json.dump(s, fh)
     return s
@@ -95,7 +103,8 @@ def _sweep(root, name):
 
 
 def fabricate_study(root, backends=("torch", "jax", "keras"), seeds=(0, 1)):
-    """A results tree with the three experiments (compare, waste, window), all runs completed.
+    """A results tree with the experiments (compare, waste, window, the studies and window_chapters),
+    all runs completed.
     Returns the number of runs per experiment."""
     counts = {}
     sweep, n = _sweep(root, "compare"), 0
@@ -119,6 +128,22 @@ def fabricate_study(root, backends=("torch", "jax", "keras"), seeds=(0, 1)):
         fabricate_run(os.path.join(sweep, f"{n}_torch_packed_T{window}_s0"), experiment="window", window=window)
         n += 1
     counts["window"] = n
+    for study, units in (("study_verses", backends), ("study_chapters", ("torch",))):
+        sweep, n = _sweep(root, study), 0
+        for backend in units:
+            for strategy in ("padded", "packed"):
+                for seed in seeds:
+                    fabricate_run(os.path.join(sweep, f"{n}_{backend}_{strategy}_s{seed}"), experiment=study,
+                                  backend=backend, strategy=strategy, seed=seed, heldout="eval",
+                                  targets=(5.0, 4.9), unit="chapter" if study == "study_chapters" else None)
+                    n += 1
+        counts[study] = n
+    sweep, n = _sweep(root, "window_chapters"), 0
+    for window in (32, 112):
+        fabricate_run(os.path.join(sweep, f"{n}_torch_packed_T{window}_s0"), experiment="window_chapters",
+                      window=window, unit="chapter")
+        n += 1
+    counts["window_chapters"] = n
     return counts
 
 

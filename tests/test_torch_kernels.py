@@ -23,7 +23,7 @@ def test_kernel_matches_oracle(kernel):
         w = be.get_weights()["lstm.0.w_h"].copy()
         be.precompile([(3, 6)], [(3, 6)])
         np.testing.assert_array_equal(be.get_weights()["lstm.0.w_h"], w)
-    be, _ = check_parity("torch", kernel, SPEC, mid_reset_batches(30, B=3, T=6), *random_state(31, SPEC, 3),
+    be, _ = check_parity("torch", kernel, SPEC, mid_reset_batches(30, B=3, T=6), random_state(31, SPEC, 3),
                          prepare=prepare)
     assert be.kernel == f"torch.{kernel}"
 
@@ -44,7 +44,7 @@ def test_fused_plan_edge_cases():
     batches = [Batch(rng.integers(0, 257, (B, T)).astype(np.int32), rng.integers(0, 257, (B, T)).astype(np.int32),
                      np.ones((B, T), np.float32), reset.copy()) for _ in range(3)]
     batches[2].mask[4, 5:] = 0.0
-    check_parity("torch", "fused", SPEC, batches, *random_state(41, SPEC, B), optimizer=ADAM)
+    check_parity("torch", "fused", SPEC, batches, random_state(41, SPEC, B), optimizer=ADAM)
 
 
 def test_baseline_kernel_names():
