@@ -1,29 +1,20 @@
-"""``backend=torch``: the contract's per-sample-reset LSTM in PyTorch.
+"""``backend=torch``: the contract's per-sample-reset model in PyTorch, for every cell (LSTM, GRU).
 
-Parameters are kept in canonical layout (``w_x`` [in, 4H], gates i, f, g, o), so import and
-export are copies. Kernels (``backend.kernel``, recorded as ``kernel`` in ``summary.json``):
+Parameters are kept in canonical layout, so import and export are copies; the layers are those of
+:mod:`resetbench.torch_layers` (read its docstring for how each kernel keeps the reset exact).
+Kernels (``backend.kernel``, recorded as ``kernel`` in ``summary.json``):
 
-- ``fused`` (default): the framework's fused LSTM kernel (``torch._VF.lstm``, the op behind
-  ``nn.LSTM``: oneDNN on the CPU, cuDNN on a GPU) made reset-aware by two constant input
-  columns. No vendor kernel takes a per-row, per-step reset, so :func:`fused_plan` rewrites the
-  window instead: before each mid-window reset it inserts one *zeroing* step whose flag drives
-  the input and forget gates to exactly 0 (so ``c = 0`` and ``h = o * tanh(0) = 0``, and no
-  gradient flows back through the step), and after each row's last token it appends *hold*
-  steps (input gate 0, forget and output gates 1) so every row's ``c`` is held until the end of
-  the rewritten window. Saturated sigmoids are exactly 0 or 1 in float32, so the result equals
-  the contract's math (checked against the oracle like every kernel). A window with ``K`` resets
-  in its busiest row costs ``T + K`` steps instead of ``T``; a window without mid-window resets
-  is one plain fused call (column-0 resets zero the initial state). A zeroing step multiplies the
-  old ``c`` by 0, which keeps a NaN or inf; a window whose rewritten outputs are not finite is
-  therefore run again through ``loop``, whose reset selects the zero state.
-- ``loop``: one time loop for every cell (:func:`layer_loop`, the cell :func:`lstm_cell`): before
-  each step the rows that reset get the zero state (``torch.where``), then one ``addmm`` per step
-  (input projection hoisted). Per-step inputs via ``unbind`` (slicing ``xp[:, t]`` makes backward
-  several times slower).
+- ``fused`` (default): the framework's fused kernel (``torch._VF.lstm`` / ``torch._VF.gru``, the
+  ops behind ``nn.LSTM``/``nn.GRU``: oneDNN on the CPU, cuDNN on a GPU) on the window rewritten
+  with zeroing and hold steps driven by saturating flag columns. A window with ``K`` resets in its
+  busiest row costs ``T + K`` steps; a window without mid-window resets is one plain fused call;
+  a window whose rewritten outputs are not finite runs again through ``loop``.
+- ``loop``: one time loop for every cell (``layer_loop``): before each step the rows that reset
+  get the zero state (``torch.where``), then the cell's step (input projection hoisted).
 - ``compile``: the loop under ``torch.compile``, one graph per window shape, built in
   :meth:`TorchBackend.precompile`.
 - Baselines (roles ``native`` and ``peer`` in ``conf/backend/torch.yaml``): ``native`` is the
-  plain fused kernel (no mid-window reset possible); ``peer`` is ``nn.LSTM``'s kernel over
+  plain fused kernel (no mid-window reset possible); ``peer`` is the fused kernel over
   ``pack_padded_sequence``, what a torch user writes for variable-length batches. Each batch is
   checked for the layout properties the kernel declares (``needs``). Both train only;
   ``eval_step`` runs ``self.eval_kernel`` (the default, exact ``fused``) on the same weights,
@@ -39,21 +30,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from resetbench.torch_layers import (layer_loop, lstm_cell, lstm_layers_fused_grouped, lstm_layers_loop,
-                                     lstm_layers_packed)
+from resetbench.torch_layers import CELLS, layer_loop, layers_fused, layers_loop, layers_packed
 from backends.base import Backend, Batch, ConfigError, ModelSpec, OptimizerSpec, row_lengths
 
 # the kernels this adapter implements (backend.kernel) -> the name recorded as ``kernel``
 KERNEL_NAMES = {"fused": "torch.fused", "loop": "torch.loop", "compile": "torch.compile",
-                "native": "torch.native.nn_LSTM", "peer": "torch.peer.pack_padded_sequence"}
+                "native": "torch.native.nn_{CELL}", "peer": "torch.peer.pack_padded_sequence"}
 _COMPILED: Dict[str, Any] = {}
 
 
-def _compiled_loop():
-    """The LSTM :func:`layer_loop` under ``torch.compile`` (static shapes), once per process."""
-    if "loop" not in _COMPILED:
-        _COMPILED["loop"] = torch.compile(functools.partial(layer_loop, lstm_cell), dynamic=False)
-    return _COMPILED["loop"]
+def _compiled_loop(cell: str):
+    """The cell's :func:`layer_loop` under ``torch.compile`` (static shapes), once per process."""
+    if cell not in _COMPILED:
+        _COMPILED[cell] = torch.compile(functools.partial(layer_loop, CELLS[cell].step), dynamic=False)
+    return _COMPILED[cell]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -68,7 +58,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 class TorchBackend(Backend):
-    """PyTorch adapter: eager (or TorchScript) reset-aware LSTM, Adam or SGD, global-norm clip."""
+    """PyTorch adapter: the reset-aware layers of resetbench.torch_layers for the spec's cell (LSTM or
+    GRU), Adam or SGD, global-norm clipping."""
 
     name = "torch"
 
@@ -83,9 +74,9 @@ class TorchBackend(Backend):
             torch.set_num_threads(int(threads))
         self.dev = resolve_device(device)
         self.device = self.dev.type
-        self.kernel = KERNEL_NAMES[kernel]
+        self.kernel = KERNEL_NAMES[kernel].replace("{CELL}", spec.cell.upper())
         self._compiled = "compile" in (self.kernel_option, self.eval_kernel)
-        self._loop = _compiled_loop() if self._compiled else None         # None: the eager loop
+        self._loop = _compiled_loop(spec.cell) if self._compiled else None    # None: the eager loop
         self.p = {k: torch.nn.Parameter(torch.tensor(np.asarray(v, np.float32), device=self.dev))
                   for k, v in weights.items()}
         params = list(self.p.values())
@@ -106,20 +97,25 @@ class TorchBackend(Backend):
         mask = torch.from_numpy(batch.mask).to(self.dev, non_blocking=nb)
         return x, y, mask
 
-    def _lstm_weights(self) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        return [(self.p[f"lstm.{l}.w_x"], self.p[f"lstm.{l}.w_h"], self.p[f"lstm.{l}.b"])
-                for l in range(self.spec.layers)]
+    def _layer_weights(self) -> List[Dict[str, torch.Tensor]]:
+        """Each layer's canonical weights, keyed without the ``<cell>.<l>.`` prefix."""
+        cell, out = self.spec.cell, []
+        for layer in range(self.spec.layers):
+            prefix = f"{cell}.{layer}."
+            out.append({k[len(prefix):]: p for k, p in self.p.items() if k.startswith(prefix)})
+        return out
 
     def _layers(self, inp: torch.Tensor, batch: Batch, kernel: str):
-        """All LSTM layers from the carried state with ``kernel``: outputs, final h, c. ``native``
-        is the fused kernel on windows whose only resets are at column 0 (checked by
+        """All layers from the carried state with ``kernel``: outputs and the final state.
+        ``native`` is the fused kernel on windows whose only resets are at column 0 (checked by
         :meth:`check_batch`), where it is one plain fused call."""
+        cell, layers = self.spec.cell, self._layer_weights()
         if kernel in ("loop", "compile"):
-            return lstm_layers_loop(inp, torch.from_numpy(batch.reset).to(self.dev), self.h, self.c,
-                                    self._lstm_weights(), self._loop if kernel == "compile" else None)
+            return layers_loop(cell, inp, torch.from_numpy(batch.reset).to(self.dev), self.state, layers,
+                               self._loop if kernel == "compile" else None)
         if kernel == "peer":
-            return lstm_layers_packed(inp, row_lengths(batch), self.h, self.c, self._lstm_weights())
-        return lstm_layers_fused_grouped(inp, batch.reset, self.h, self.c, self._lstm_weights())
+            return layers_packed(cell, inp, row_lengths(batch), self.state, layers)
+        return layers_fused(cell, inp, batch.reset, self.state, layers)
 
     def _logits(self, x: torch.Tensor, batch: Batch, kernel: Optional[str] = None) -> torch.Tensor:
         """Forward from the carried state with ``kernel`` (default: the training kernel, after
@@ -127,8 +123,8 @@ class TorchBackend(Backend):
         if kernel is None:
             self.check_batch(batch)
             kernel = self.kernel_option
-        out, h, c = self._layers(F.embedding(x, self.p["embedding"]), batch, kernel)
-        self.h, self.c = h.detach(), c.detach()
+        out, state = self._layers(F.embedding(x, self.p["embedding"]), batch, kernel)
+        self.state = tuple(s.detach() for s in state)
         return torch.matmul(out, self.p["head.w"]) + self.p["head.b"]
 
     @staticmethod
@@ -181,13 +177,12 @@ class TorchBackend(Backend):
         x, y, mask = self._to_device(batch)
         return float((self._ce(self._logits(x, batch, self.eval_kernel), y) * mask).sum())
 
-    def get_state(self) -> Tuple[np.ndarray, np.ndarray]:
-        return self.h.cpu().numpy().copy(), self.c.cpu().numpy().copy()
+    def get_state(self) -> Tuple[np.ndarray, ...]:
+        return tuple(s.cpu().numpy().copy() for s in self.state)
 
-    def set_state(self, h: np.ndarray, c: np.ndarray) -> None:
-        self.h = torch.tensor(np.asarray(h, np.float32), device=self.dev)
-        self.c = torch.tensor(np.asarray(c, np.float32), device=self.dev)
-        self.batch_size = self.h.shape[1]
+    def set_state(self, *state: np.ndarray) -> None:
+        self.state = tuple(torch.tensor(np.asarray(s, np.float32), device=self.dev) for s in state)
+        self.batch_size = self.state[0].shape[1]
 
     def get_weights(self) -> Dict[str, np.ndarray]:
         return {k: p.detach().cpu().numpy().copy() for k, p in self.p.items()}
@@ -197,17 +192,18 @@ class TorchBackend(Backend):
         no-grad graph of every eval shape on dummy tensors (weights, optimizer and state untouched)."""
         if not self._compiled:
             return
-        H = self.spec.hidden
-        w_h = self.p["lstm.0.w_h"].detach().clone().requires_grad_(True)
+        H, cell = self.spec.hidden, CELLS[self.spec.cell]
+        first = self._layer_weights()[0]
         for shapes, grad, kernel in ((train_shapes, True, self.kernel_option), (eval_shapes, False, self.eval_kernel)):
             if kernel != "compile":
                 continue
+            rec = [first[k].detach().clone().requires_grad_(grad) for k in cell.recurrent]
             for B, T in shapes:
                 with torch.set_grad_enabled(grad):
-                    xp = torch.zeros(B, T, 4 * H, device=self.dev, requires_grad=grad)
+                    xp = torch.zeros(B, T, cell.gates * H, device=self.dev, requires_grad=grad)
                     reset = torch.zeros(B, T, 1, dtype=torch.bool, device=self.dev)
-                    h = torch.zeros(B, H, device=self.dev)
-                    out, _ = self._loop(xp, reset, (h, h), w_h if grad else w_h.detach())
+                    state = tuple(torch.zeros(B, H, device=self.dev) for _ in self.spec.state_names)
+                    out, _ = self._loop(xp, reset, state, *rec)
                     if grad:
                         out.sum().backward()
 

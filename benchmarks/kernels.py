@@ -38,6 +38,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from backends.base import Batch, ModelSpec, OptimizerSpec, check_layout, init_weights
+from backends.cells import cell_names, cell_spec
 from benchmarks import registry
 from benchmarks.env import environment, malloc_state, tune_malloc
 
@@ -48,10 +49,12 @@ BIG_MATMUL = 2048
 
 
 # --------------------------------------------------------------------------- arithmetic
-def model_flops(B: int, T: int, E: int, H: int, L: int, V: int = 257) -> float:
+def model_flops(B: int, T: int, E: int, H: int, L: int, V: int = 257, gates: int = 4) -> float:
     """Useful FLOPs of one training step: 3x the forward GEMMs (forward, and backward's two
-    products per GEMM), counting the B*T real positions only. Elementwise work is left out."""
-    per_token = 2 * (E * 4 * H + (L - 1) * H * 4 * H + L * H * 4 * H + H * V)
+    products per GEMM), counting the B*T real positions only; ``gates`` blocks of H per cell
+    (LSTM 4, GRU 3). Elementwise work is left out."""
+    G = gates * H
+    per_token = 2 * (E * G + (L - 1) * H * G + L * H * G + H * V)
     return 3.0 * B * T * per_token
 
 
@@ -141,15 +144,18 @@ def runs_on(batch: Batch, decl: registry.KernelDecl) -> bool:
 
 
 def kernel_configs(cfg: dict, kernels: Sequence[str], shape: Tuple[int, int, int], embed: int,
-                   densities: Sequence[float], device: str) -> List[tuple]:
-    """``(declaration, density, backend, batch, precompile seconds)`` for every kernel and every
-    density whose batch the kernel can consume, each backend built and precompiled for ``shape``."""
+                   densities: Sequence[float], device: str, cell: str = "lstm") -> List[tuple]:
+    """``(declaration, density, backend, batch, precompile seconds)`` for every kernel that runs
+    ``cell`` and every density whose batch the kernel can consume, each backend built and
+    precompiled for ``shape``."""
     B, T, H = shape
-    spec = ModelSpec(embed, H, 1)
+    spec = ModelSpec(embed, H, 1, cell=cell)
     weights = init_weights(spec, 0)
     decls = registry.kernel_decls(cfg)
     out = []
     for kernel in kernels:
+        if cell not in decls[kernel].cells:
+            continue
         for d in densities:
             batch = random_batch(B, T, d, seed=int(d * 1000) + 1)
             if not runs_on(batch, decls[kernel]):
@@ -167,18 +173,20 @@ def kernel_row(backend: str, config: tuple, times: List[float], embed: int) -> d
     B, T = batch.x.shape
     H = be.spec.hidden
     step = statistics.median(times)
-    return {"kind": "kernel", "backend": backend, "kernel_option": decl.name, "kernel_role": decl.role,
+    cell = be.spec.cell
+    return {"kind": "kernel", "backend": backend, "cell": cell, "kernel_option": decl.name, "kernel_role": decl.role,
             "kernel": be.kernel, "device": be.device, "B": B, "T": T, "E": embed, "H": H, "density": d,
             "mid_window_resets": int(batch.reset[:, 1:].sum()),
             "max_resets_in_a_row": int(batch.reset[:, 1:].sum(1).max()),
             "step_ms_median": step * 1e3, "tokens_per_s": B * T / step,
-            "model_gflops": model_flops(B, T, embed, H, 1) / step / 1e9, "steps_timed": len(times),
+            "model_gflops": model_flops(B, T, embed, H, 1, gates=len(cell_spec(cell).gates)) / step / 1e9,
+            "steps_timed": len(times),
             "precompile_s": compile_s}
 
 
 def worker(backend: str, kernels: Sequence[str], shapes: Sequence[Tuple[int, int, int]], densities: Sequence[float],
            embed: int, rounds: int, repeats: int, device: str, emit: Callable[[dict], None],
-           tune: bool = True) -> None:
+           tune: bool = True, cells: Sequence[str] = ("lstm",)) -> None:
     """Measure one backend (this process imports its framework) and emit one dict per result.
     ``tune``: :func:`benchmarks.env.tune_malloc` first, as ``run.py`` does by default."""
     cfg = registry.backend_configs()[backend]
@@ -190,8 +198,8 @@ def worker(backend: str, kernels: Sequence[str], shapes: Sequence[Tuple[int, int
     for row in matmul_rows(backend, registry.build_backend(cfg, small, init_weights(small, 0), ADAM, 1, device=device),
                            shapes, embed):
         emit(row)
-    for shape in shapes:
-        configs = kernel_configs(cfg, kernels, shape, embed, densities, device)
+    for cell, shape in ((c, sh) for c in cells for sh in shapes):
+        configs = kernel_configs(cfg, kernels, shape, embed, densities, device, cell)
         samples: List[List[float]] = [[] for _ in configs]
         for r in range(rounds):                       # interleaved: drift hits every config alike
             for i, (_, _, be, batch, _) in enumerate(configs):
@@ -208,10 +216,10 @@ def derive(rows: List[dict]) -> Tuple[List[dict], List[dict]]:
     mm = [r for r in rows if r["kind"] == "matmul"]
     ker = [r for r in rows if r["kind"] == "kernel"]
     peak = max((r["gflops"] for r in mm if r["gemm"].startswith("square")), default=float("nan"))
-    native = {(r["backend"], r["B"], r["T"], r["H"]): r["tokens_per_s"] for r in ker
+    native = {(r["backend"], r.get("cell", "lstm"), r["B"], r["T"], r["H"]): r["tokens_per_s"] for r in ker
               if r.get("kernel_role") == "native" and r["density"] == 0}
     for r in ker:
-        base = native.get((r["backend"], r["B"], r["T"], r["H"]))
+        base = native.get((r["backend"], r.get("cell", "lstm"), r["B"], r["T"], r["H"]))
         r["reset_cost_ratio"] = r["tokens_per_s"] / base if base else float("nan")
         r["best_matmul_gflops"] = peak
         r["peak_fraction"] = r["model_gflops"] / peak
@@ -279,6 +287,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "declared kernel that is not slow_to_build)")
     ap.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES), help="BxTxH,...")
     ap.add_argument("--densities", default=",".join(str(d) for d in DENSITIES))
+    ap.add_argument("--cells", default="lstm", help=f"cells, comma-separated (of conf/cell/: {', '.join(cell_names())}); "
+                    "each kernel runs the cells it declares")
     ap.add_argument("--embed", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds (noise control: many short "
                     "rounds spread this machine's drift over every kernel alike)")
@@ -304,6 +314,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         if b not in known:
             raise SystemExit(f"--backends: {b!r} is not a backend; allowed: {', '.join(known)}")
     args.chosen = [c for c in args.kernels.split(",") if c]
+    args.cells = [c for c in args.cells.split(",") if c]
+    bad = [c for c in args.cells if c not in cell_names()]
+    if bad or not args.cells:
+        raise SystemExit(f"--cells={','.join(args.cells)!r}: allowed: {', '.join(cell_names())}")
     args.rounds, args.repeats = (1, 2) if args.quick else (args.rounds, args.repeats)
     return args
 
@@ -313,18 +327,22 @@ def run_worker(args: argparse.Namespace, backend: str, kernels: Sequence[str]) -
     cmd = [sys.executable, "-m", "benchmarks.kernels", "--worker", backend, "--shapes",
            ",".join("x".join(map(str, s)) for s in args.shapes), "--densities", ",".join(map(str, args.densities)),
            "--embed", str(args.embed), "--rounds", str(args.rounds), "--repeats", str(args.repeats),
-           "--device", args.device, "--kernels", ",".join(f"{backend}:{k}" for k in kernels)]
+           "--device", args.device, "--kernels", ",".join(f"{backend}:{k}" for k in kernels),
+           "--cells", ",".join(args.cells)]
     cmd += ["--default-malloc"] if args.default_malloc else []
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
     return proc.returncode, rows, (proc.stderr or proc.stdout).strip().splitlines()[-5:]
 
 
-def worker_failure(backend: str, code: int, rows: List[dict], kernels: Sequence[str]) -> Optional[str]:
+def worker_failure(backend: str, code: int, rows: List[dict], kernels: Sequence[str],
+                   cells: Optional[Sequence[str]] = None) -> Optional[str]:
     """Why a backend's worker did not deliver (a non-zero exit, or a kernel without rows), or None."""
     if code != 0:
         return f"backend {backend} failed (exit {code})"
-    missing = [k for k in kernels if not any(r["kind"] == "kernel" and r["kernel_option"] == k for r in rows)]
+    declared = registry.kernel_decls(registry.backend_configs()[backend])
+    missing = [k for k in kernels if any(c in declared[k].cells for c in (cells or ("lstm",)))
+               and not any(r["kind"] == "kernel" and r["kernel_option"] == k for r in rows)]
     if missing:
         return f"backend {backend} left no rows for kernel {', '.join(missing)} (exit {code})"
     return None
@@ -339,7 +357,7 @@ def measure(args: argparse.Namespace, env: dict) -> Tuple[List[dict], List[str]]
         print(f"[{b}] kernels {', '.join(kernels)} ...", flush=True)
         t0 = time.perf_counter()
         code, got, tail = run_worker(args, b, kernels)
-        problem = worker_failure(b, code, got, kernels)
+        problem = worker_failure(b, code, got, kernels, args.cells)
         if problem:
             failures.append(problem)
             print(f"[{b}] {problem}; kept {len(got)} rows:\n  " + "\n  ".join(tail), flush=True)
@@ -380,7 +398,7 @@ def main(argv=None) -> List[dict]:
     if args.worker:                               # child: one framework, rows as JSON lines on stdout
         worker(args.worker, _kernels_for(args.worker, args.chosen), args.shapes, args.densities, args.embed,
                args.rounds, args.repeats, args.device, lambda row: print("ROW " + json.dumps(row), flush=True),
-               not args.default_malloc)
+               not args.default_malloc, args.cells)
         return []
     env = environment()
     print(f"env | {env.get('host_cpu')} x{env.get('host_cores')} | python {env.get('python_version')} | "

@@ -443,13 +443,14 @@ def to_markdown(df: pd.DataFrame) -> str:
 def _density_lines(ax, rows: pd.DataFrame, column: str, shapes, colors: Dict) -> None:
     """One line per (backend, kernel) and shape: ``column`` against reset density (in %)."""
     styles = ["-", "--", ":", "-."]
-    for (backend, kernel), g in rows.groupby(["backend", "kernel"]):
-        color = colors.setdefault((backend, kernel), f"C{len(colors) % 10}")
+    rows = rows.assign(cell=rows["cell"].fillna("lstm") if "cell" in rows.columns else "lstm")
+    for (backend, kernel, cell), g in rows.groupby(["backend", "kernel", "cell"]):
+        color = colors.setdefault((backend, kernel, cell), f"C{len(colors) % 10}")
         for shape, ls in zip(shapes, styles):
             sub = g[(g["B"] == shape[0]) & (g["T"] == shape[1]) & (g["H"] == shape[2])].sort_values("density")
             if len(sub):
                 ax.plot(sub["density"] * 100, sub[column].astype(float), ls, marker="o", color=color,
-                        label=f"{kernel} B{shape[0]} T{shape[1]} H{shape[2]}")
+                        label=f"{kernel} {cell.upper()} B{shape[0]} T{shape[1]} H{shape[2]}")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlim(0, rows["density"].max() * 100 * 1.1 + 0.1)
     ax.set_xlabel("reset density (% of positions)")
@@ -464,7 +465,8 @@ def _peak_panel(ax, ker: pd.DataFrame, mm: pd.DataFrame) -> None:
     labels, vals = [], []
     for r in at3.sort_values(["backend", "B", "kernel"]).itertuples():
         tag = "no resets" if r.role != "exact" else "3% resets"
-        labels.append(f"{r.kernel} ({tag}) B{r.B} T{r.T} H{r.H}")
+        cell = str(getattr(r, "cell", "lstm") or "lstm")
+        labels.append(f"{r.kernel} {cell.upper()} ({tag}) B{r.B} T{r.T} H{r.H}")
         vals.append(r.peak_fraction * 100)
     ax.barh(range(len(vals)), vals, color=["C0" if "no resets" in l else "C1" for l in labels])
     ax.set_yticks(range(len(vals)), labels, fontsize=6)
@@ -503,7 +505,7 @@ def kernels_figure(kernels, matmul, path: str) -> str:
             _density_lines(ax, ratio, "reset_cost_ratio", shapes, colors)
             ax.axhline(1.0, color="grey", lw=0.8)
             ax.axhline(0.9, color="red", lw=0.8, ls="--", label="target 0.9x")
-            ax.set_ylabel("tokens/s / native no-reset LSTM's")
+            ax.set_ylabel("tokens/s / the native no-reset layer's (same cell)")
             ax.set_title("Cost of per-sample resets (full train step)")
             ax.legend(fontsize=7)
         elif panel == "absolute":

@@ -1,33 +1,42 @@
-"""Reset-aware recurrent layers for PyTorch: per-row, per-step state resets, exact.
+"""Reset-aware recurrent layers for PyTorch: per-row, per-step state resets, exact, for every cell.
 
-- :class:`ResetLSTM`: an ``nn.Module`` (``layer(x, reset, state) -> out, state``).
-- ``fused`` kernel (:func:`lstm_layers_fused_grouped`): PyTorch's own fused LSTM (``torch._VF.lstm``,
-  the op behind ``nn.LSTM``: oneDNN on a CPU, cuDNN on a GPU) made reset-aware by rewriting the
-  window: one *zeroing* step before each mid-window reset and *hold* steps after each row's last
-  token, driven by two constant input columns whose +-1e6 weights saturate the gates exactly
-  (a zeroing step has input and forget gates 0, so ``c = h = 0`` and no gradient passes; a hold
-  step has input gate 0 and forget gate 1). A zeroing step multiplies the old ``c`` by 0, which
-  keeps a NaN or inf, so a window whose rewritten outputs are not finite runs through the loop.
+- :class:`ResetLSTM`, :class:`ResetGRU`: ``nn.Module`` layers shaped like ``nn.LSTM``/``nn.GRU``
+  (``num_layers``, ``batch_first``, state tensors ``[L, B, H]``), called with a ``reset`` mask.
+- ``fused`` kernel (:func:`layers_fused`): PyTorch's own fused kernel (``torch._VF.lstm`` /
+  ``torch._VF.gru``, the ops behind ``nn.LSTM``/``nn.GRU``: oneDNN on a CPU, cuDNN on a GPU) made
+  reset-aware by rewriting the window: one *zeroing* step before each mid-window reset and *hold*
+  steps after each row's last token, driven by constant input columns whose +-1e6 weights
+  saturate gates exactly (:class:`FusedPlan`, the cells' ``flag_weights``). A window whose
+  rewritten outputs are not finite runs through the loop (a zeroing step multiplies the old state
+  by 0, which keeps a NaN).
 - ``loop`` kernel (:func:`layer_loop`): one time loop for every cell; before each step the rows
   that reset get the zero state (``torch.where``: a select, so NaN and inf are cleared too), then
-  the cell (:func:`lstm_cell`).
-- :func:`lstm_layers_packed`: ``nn.LSTM``'s kernel over ``pack_padded_sequence`` (a baseline).
+  the cell's step (:func:`lstm_cell`, :func:`gru_cell`).
+- :func:`layers_packed`: the framework's kernel over ``pack_padded_sequence`` (a baseline).
 
-Weights are resetbench's canonical layout: ``w_x`` [in, 4H], ``w_h`` [H, 4H], ``b`` [4H], gate
-blocks i, f, g, o (``nn.LSTM``: ``weight_ih_l0 = w_x.T``, ``bias_ih + bias_hh = b``).
+Weights are resetbench's canonical layout, one dict per layer (keys without the ``<cell>.<l>.``
+prefix): LSTM ``w_x`` [in, 4H], ``w_h`` [H, 4H], ``b`` [4H], gate blocks i, f, g, o
+(``nn.LSTM``: ``weight_ih = w_x.T``, ``bias_ih + bias_hh = b``); GRU ``w_x`` [in, 3H], ``w_h``
+[H, 3H], ``b_x``, ``b_h`` [3H], gate blocks r, z, n (``nn.GRU``: ``weight_ih = w_x.T``,
+``bias_ih = b_x``, ``bias_hh = b_h``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable, List, Optional, Tuple
+import math
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 State = Tuple[torch.Tensor, ...]
+Layer = Mapping[str, torch.Tensor]          # one layer's canonical weights, e.g. {"w_x", "w_h", "b"}
+SATURATE = 1e6   # flag weight: sigmoid(-1e6 + z) == 0.0 and sigmoid(1e6 + z) == 1.0 in float32
 
 
+# --------------------------------------------------------------------------- cells: one step each
 def lstm_cell(state: State, xt: torch.Tensor, w_h: torch.Tensor) -> State:
     """The LSTM cell (``conf/cell/lstm.yaml``): ``(h, c)`` and the step's projected input ``xt``
     [B, 4H] (``x w_x + b``) -> the new ``(h, c)``."""
@@ -42,44 +51,40 @@ def lstm_cell(state: State, xt: torch.Tensor, w_h: torch.Tensor) -> State:
     return o * torch.tanh(c), c
 
 
-def layer_loop(cell: Callable[[State, torch.Tensor, torch.Tensor], State], xp: torch.Tensor, reset: torch.Tensor,
-               state: State, w_h: torch.Tensor) -> Tuple[torch.Tensor, State]:
+def gru_cell(state: State, xt: torch.Tensor, w_h: torch.Tensor, b_h: torch.Tensor) -> State:
+    """The GRU cell (``conf/cell/gru.yaml``, nn.GRU's equations): ``(h,)`` and the step's projected
+    input ``xt`` [B, 3H] (``x w_x + b_x``) -> the new ``(h,)``."""
+    (h,) = state
+    H = h.shape[1]
+    hp = torch.addmm(b_h, h, w_h)
+    r = torch.sigmoid(xt[:, :H] + hp[:, :H])
+    z = torch.sigmoid(xt[:, H:2 * H] + hp[:, H:2 * H])
+    n = torch.tanh(xt[:, 2 * H:] + r * hp[:, 2 * H:])
+    return ((1.0 - z) * n + z * h,)
+
+
+def layer_loop(cell: Callable[..., State], xp: torch.Tensor, reset: torch.Tensor, state: State,
+               *rec: torch.Tensor) -> Tuple[torch.Tensor, State]:
     """One layer of any cell over a window, step by step. ``xp`` [B, T, G*H] (input projection +
     bias), ``reset`` [B, T, 1] bool: before step t the rows that reset get the zero state in every
-    component (``torch.where``: a NaN or inf state is cleared too, and no gradient passes). Returns
-    the outputs [B, T, H] (the state's first component) and the final state."""
+    component (``torch.where``: a NaN or inf state is cleared too, and no gradient passes); ``rec``
+    the cell's recurrent parameters. Returns the outputs [B, T, H] (the state's first component)
+    and the final state."""
     outs: List[torch.Tensor] = []
     zero = xp.new_zeros(())
     for xt, rt in zip(xp.unbind(1), reset.unbind(1)):   # unbind: slicing xp[:, t] makes backward slower
-        state = cell(tuple(torch.where(rt, zero, s) for s in state), xt, w_h)
+        state = cell(tuple(torch.where(rt, zero, s) for s in state), xt, *rec)
         outs.append(state[0])
     return torch.stack(outs, 1), state
 
 
-def lstm_layers_loop(inp: torch.Tensor, reset: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
-                     weights: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]], loop=None):
-    """All LSTM layers through :func:`layer_loop` (or ``loop``, e.g. its compiled version);
-    ``reset`` [B, T] bool tensor. Returns outputs [B, T, H] and final ``h``, ``c`` [L, B, H]."""
-    loop = loop or functools.partial(layer_loop, lstm_cell)
-    r = reset.unsqueeze(-1)
-    hs, cs = [], []
-    for layer, (w_x, w_h, b) in enumerate(weights):
-        inp, (h, c) = loop(torch.matmul(inp, w_x) + b, r, (h0[layer], c0[layer]), w_h)
-        hs.append(h)
-        cs.append(c)
-    return inp, torch.stack(hs), torch.stack(cs)
-
-
-# --------------------------------------------------------------------------- the fused kernel
-SATURATE = 1e6   # flag weight: sigmoid(-1e6 + z) == 0.0 and sigmoid(1e6 + z) == 1.0 in float32
-
-
+# --------------------------------------------------------------------------- the fused kernel's plan
 class FusedPlan:
     """Where a window's tokens go in the rewritten window of the ``fused`` kernel (host side).
 
     ``reset`` [B, T] bool -> ``flat`` (index of each token in the flattened [B * T2] rewritten
-    window), ``last`` (each row's last token there), ``flags`` [B, T2, 2] float32 (column 0:
-    zeroing step, column 1: hold step) and ``T2 = T + K`` (``K``: most mid-window resets in a row).
+    window), ``last`` (each row's last token there), ``zeroing`` and ``hold`` [B, T2] float32 (1 at
+    the inserted steps) and ``T2 = T + K`` (``K``: most mid-window resets in a row).
     """
 
     def __init__(self, reset: np.ndarray):
@@ -89,80 +94,141 @@ class FusedPlan:
         self.K = int(mid.sum(axis=1).max(initial=0))
         self.T2 = T2 = T + self.K
         pos = np.arange(T)[None, :] + np.cumsum(mid, axis=1)        # each token shifts by the resets so far
-        flags = np.zeros((B, T2, 2), np.float32)
+        self.zeroing = np.zeros((B, T2), np.float32)
         rows, cols = np.nonzero(mid)
-        flags[rows, pos[rows, cols] - 1, 0] = 1.0                  # zeroing step just before the reset
-        flags[:, :, 1] = np.arange(T2)[None, :] > pos[:, -1:]      # hold steps after the last token
+        self.zeroing[rows, pos[rows, cols] - 1] = 1.0               # zeroing step just before the reset
+        self.hold = (np.arange(T2)[None, :] > pos[:, -1:]).astype(np.float32)   # after the last token
         offset = (np.arange(B) * T2)[:, None]
         self.flat = (pos + offset).reshape(-1)
         self.last = pos[:, -1] + offset[:, 0]
-        self.flags = flags
 
 
-def flag_weights(H: int, like: torch.Tensor) -> torch.Tensor:
-    """[4H, 2] input weights of the two flag columns (gate blocks i, f, g, o)."""
-    w = like.new_zeros(4 * H, 2)
-    w[:2 * H, 0] = -SATURATE                 # zeroing: i = f = 0 -> c = 0, h = 0
-    w[:H, 1] = -SATURATE                     # hold: i = 0, f = 1 -> c unchanged
-    w[H:2 * H, 1] = SATURATE
-    w[3 * H:, 1] = SATURATE                  # o = 1 (h = tanh(c), never read)
-    return w
+# --------------------------------------------------------------------------- cells, fused
+@dataclasses.dataclass(frozen=True)
+class TorchCell:
+    """What the kernels need of a cell: its step, which canonical weights project the input
+    (``input_bias``) and feed the step (``recurrent``), and its fused ``_VF`` op."""
+
+    name: str
+    step: Callable[..., State]
+    input_bias: str
+    recurrent: Tuple[str, ...]
+    gates: int
+
+    def project(self, inp: torch.Tensor, p: Layer) -> torch.Tensor:
+        return torch.matmul(inp, p["w_x"]) + p[self.input_bias]
+
+    def vf_params(self, p: Layer) -> List[torch.Tensor]:
+        """``_VF``'s four parameters of one layer (weight_ih, weight_hh, bias_ih, bias_hh): views
+        of the canonical weights, so gradients flow back to them."""
+        if self.name == "lstm":
+            return [p["w_x"].t(), p["w_h"].t(), p["b"], torch.zeros_like(p["b"])]
+        return [p["w_x"].t(), p["w_h"].t(), p["b_x"], p["b_h"]]
+
+    def vf(self, x: torch.Tensor, state: State, params: List[torch.Tensor], layers: int):
+        """The fused op, batch-first: ``(out [B, T, H], final state)``."""
+        train = torch.is_grad_enabled()
+        if self.name == "lstm":
+            out, h, c = torch._VF.lstm(x, state, params, True, layers, 0.0, train, False, True)
+            return out, (h, c)
+        out, h = torch._VF.gru(x, state[0], params, True, layers, 0.0, train, False, True)
+        return out, (h,)
+
+    def vf_packed(self, data: torch.Tensor, batch_sizes: torch.Tensor, state: State, params, layers: int):
+        """The fused op over a ``PackedSequence``'s data: ``(data out, final state)``."""
+        train = torch.is_grad_enabled()
+        if self.name == "lstm":
+            out, h, c = torch._VF.lstm(data, batch_sizes, state, params, True, layers, 0.0, train, False)
+            return out, (h, c)
+        out, h = torch._VF.gru(data, batch_sizes, state[0], params, True, layers, 0.0, train, False)
+        return out, (h,)
+
+    def flagged(self, p: Layer, plan: FusedPlan, like: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """The layer's ``_VF`` parameters with extra input columns, and those columns [B, T2, k]
+        for the rewritten window. LSTM: a zeroing column (i = f = 0, so c = h = 0) and a hold
+        column (i = 0, f = o = 1: c carried). GRU: a zeroing column (r = z = 0, so h = tanh of n's
+        input part), a hold column (z = 1: h carried) and a column carrying the input-side bias of
+        n, which is 0 on zeroing steps (so n's pre-activation there is exactly 0, and h = 0)."""
+        H = p["w_h"].shape[0]
+        zeroing = torch.from_numpy(plan.zeroing).to(like.device, like.dtype)
+        hold = torch.from_numpy(plan.hold).to(like.device, like.dtype)
+        params = self.vf_params(p)
+        w = like.new_zeros(self.gates * H, 2)
+        if self.name == "lstm":
+            w[:2 * H, 0] = -SATURATE                 # zeroing: i = f = 0
+            w[:H, 1] = -SATURATE                     # hold: i = 0, f = 1, o = 1
+            w[H:2 * H, 1] = SATURATE
+            w[3 * H:, 1] = SATURATE
+            params[0] = torch.cat([params[0], w], 1)
+            return params, torch.stack([zeroing, hold], 2)
+        w[:2 * H, 0] = -SATURATE                     # zeroing: r = z = 0
+        w[H:2 * H, 1] = SATURATE                     # hold: z = 1
+        b_n = torch.cat([p["b_x"].new_zeros(2 * H), p["b_x"][2 * H:]])[:, None]   # n's input bias, as a column
+        params[0] = torch.cat([params[0], w, b_n], 1)
+        params[2] = torch.cat([p["b_x"][:2 * H], p["b_x"].new_zeros(H)])
+        return params, torch.stack([zeroing, hold, 1.0 - zeroing], 2)
 
 
-def _vf_lstm(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, params: List[torch.Tensor], layers: int):
-    """``torch._VF.lstm`` (the op inside ``nn.LSTM``), batch-first; ``params`` per layer:
-    weight_ih [4H, in], weight_hh [4H, H], bias_ih, bias_hh. Returns out, h_n, c_n."""
-    return torch._VF.lstm(x, (h0, c0), params, True, layers, 0.0, torch.is_grad_enabled(), False, True)
+CELLS: Dict[str, TorchCell] = {
+    "lstm": TorchCell("lstm", lstm_cell, "b", ("w_h",), 4),
+    "gru": TorchCell("gru", gru_cell, "b_x", ("w_h", "b_h"), 3),
+}
 
 
-def vf_params(weights: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> List[torch.Tensor]:
-    """Canonical ``(w_x, w_h, b)`` per layer -> ``torch._VF.lstm``'s flat parameter list
-    (weight_ih = w_x.T, weight_hh = w_h.T, bias_ih = b, bias_hh = 0): views, so gradients flow back."""
-    zeros = weights[0][2].new_zeros(weights[0][2].shape)
-    return [p for w_x, w_h, b in weights for p in (w_x.t(), w_h.t(), b, zeros)]
+def _reset0(reset: np.ndarray, state: State, like: torch.Tensor) -> State:
+    """Column-0 resets as a zero initial state (a select: clears NaN too)."""
+    r0 = torch.from_numpy(reset[:, 0]).to(like.device)[None, :, None]
+    return tuple(torch.where(r0, like.new_zeros(()), s) for s in state)
 
 
-def lstm_layers_fused(inp: torch.Tensor, reset: np.ndarray, h0: torch.Tensor, c0: torch.Tensor,
-                      weights: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-    """All LSTM layers over a window with per-row, per-step resets through the fused kernel.
+def layers_loop(cell: str, inp: torch.Tensor, reset: torch.Tensor, state: State, layers: Sequence[Layer],
+                loop: Optional[Callable] = None) -> Tuple[torch.Tensor, State]:
+    """Every layer through :func:`layer_loop` (or ``loop``, e.g. its compiled version); ``reset``
+    [B, T] bool tensor, ``state`` one [L, B, H] tensor per state component. Returns the outputs
+    [B, T, H] and the final state."""
+    c = CELLS[cell]
+    loop = loop or functools.partial(layer_loop, c.step)
+    r = reset.unsqueeze(-1)
+    finals: List[State] = []
+    for layer, p in enumerate(layers):
+        inp, st = loop(c.project(inp, p), r, tuple(s[layer] for s in state), *(p[k] for k in c.recurrent))
+        finals.append(st)
+    return inp, tuple(torch.stack(parts) for parts in zip(*finals))
 
-    ``inp`` [B, T, E]; ``reset`` [B, T] bool (NumPy); ``h0``, ``c0`` [L, B, H]; ``weights``
-    canonical ``(w_x, w_h, b)`` per layer. Returns outputs [B, T, H] and final ``h``, ``c``
-    [L, B, H]. See the module docstring for the rewrite that makes the resets exact."""
-    reset0 = torch.from_numpy(reset[:, 0]).to(inp.device)[None, :, None]
-    h0, c0 = (torch.where(reset0, inp.new_zeros(()), s) for s in (h0, c0))   # a select: clears NaN too
+
+def _layers_fused(cell: str, inp: torch.Tensor, reset: np.ndarray, state: State, layers: Sequence[Layer]):
+    """Every layer through the fused op for one group of rows (see the module docstring)."""
+    c = CELLS[cell]
+    state = _reset0(reset, state, inp)
     plan = FusedPlan(reset)
     if plan.K == 0:                                      # no mid-window reset: one plain fused call
-        return _vf_lstm(inp, h0, c0, vf_params(weights), len(weights))
-    out, h, c = _fused_rewritten(inp, plan, h0, c0, weights)
-    if not bool(torch.isfinite(out).all() and torch.isfinite(c).all()):
-        # a zeroing step multiplies the old c by 0, which keeps a NaN or inf: run the window
+        return c.vf(inp, state, [q for p in layers for q in c.vf_params(p)], len(layers))
+    out, final = _fused_rewritten(c, inp, plan, state, layers)
+    if not (bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(s).all()) for s in final)):
+        # a zeroing step multiplies the old state by 0, which keeps a NaN or inf: run the window
         # through the loop kernel, whose reset selects the zero state
-        return lstm_layers_loop(inp, torch.from_numpy(reset).to(inp.device), h0, c0, weights)
-    return out, h, c
+        return layers_loop(cell, inp, torch.from_numpy(reset).to(inp.device), state, layers)
+    return out, final
 
 
-def _fused_rewritten(inp: torch.Tensor, plan: "FusedPlan", h0: torch.Tensor, c0: torch.Tensor,
-                     weights: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-    """The window rewritten by ``plan`` through the fused kernel, layer by layer."""
+def _fused_rewritten(c: TorchCell, inp: torch.Tensor, plan: FusedPlan, state: State, layers: Sequence[Layer]):
+    """The window rewritten by ``plan`` through the fused op, layer by layer."""
     B, T, _ = inp.shape
-    H = h0.shape[-1]
+    H = state[0].shape[-1]
     dev = inp.device
     flat = torch.from_numpy(plan.flat).to(dev)
     last = torch.from_numpy(plan.last).to(dev)
-    flags = torch.from_numpy(plan.flags).to(dev, inp.dtype)
-    fw = flag_weights(H, inp)
     x = inp.new_zeros(B * plan.T2, inp.shape[-1]).index_copy(0, flat, inp.reshape(B * T, -1))
     x = x.view(B, plan.T2, -1)
-    hs, cs = [], []
-    for layer, (w_x, w_h, b) in enumerate(weights):
-        params = vf_params([(w_x, w_h, b)])
-        params[0] = torch.cat([params[0], fw], 1)        # weight_ih with the two flag columns
-        x, _, c = _vf_lstm(torch.cat([x, flags], 2), h0[layer:layer + 1], c0[layer:layer + 1], params, 1)
-        hs.append(x.reshape(B * plan.T2, H).index_select(0, last))   # h after the row's last token
-        cs.append(c[0])                                              # c, held since then
+    finals = []
+    for layer, p in enumerate(layers):
+        params, cols = c.flagged(p, plan, inp)
+        x, final = c.vf(torch.cat([x, cols], 2), tuple(s[layer:layer + 1] for s in state), params, 1)
+        if c.name == "lstm":                             # a hold step sets h = tanh(c): take h at the last token
+            final = (x.reshape(B * plan.T2, H).index_select(0, last)[None], final[1])
+        finals.append(tuple(s[0] for s in final))
     out = x.reshape(B * plan.T2, H).index_select(0, flat).view(B, T, H)
-    return out, torch.stack(hs), torch.stack(cs)
+    return out, tuple(torch.stack(parts) for parts in zip(*finals))
 
 
 def row_groups(reset: np.ndarray, min_saving: float = 0.05) -> List[np.ndarray]:
@@ -186,75 +252,170 @@ def row_groups(reset: np.ndarray, min_saving: float = 0.05) -> List[np.ndarray]:
     return [np.sort(order[:cut]), np.sort(order[cut:])]
 
 
-def lstm_layers_fused_grouped(inp: torch.Tensor, reset: np.ndarray, h0: torch.Tensor, c0: torch.Tensor,
-                              weights: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-    """:func:`lstm_layers_fused` over the row groups of :func:`row_groups` (rows are independent,
-    so each group runs the whole layer stack on its own); same inputs and outputs."""
+def layers_fused(cell: str, inp: torch.Tensor, reset: np.ndarray, state: State, layers: Sequence[Layer]):
+    """The ``fused`` kernel: every layer over a window with per-row, per-step resets through the
+    framework's fused op, rows split into the groups of :func:`row_groups` (rows are independent).
+    ``inp`` [B, T, in]; ``reset`` [B, T] bool (NumPy: the rewrite is planned on the host);
+    ``state`` one [L, B, H] tensor per state component. Returns the outputs and the final state."""
     groups = row_groups(reset)
     if len(groups) == 1:
-        return lstm_layers_fused(inp, reset, h0, c0, weights)
-    outs, hs, cs = [], [], []
+        return _layers_fused(cell, inp, reset, state, layers)
+    outs, finals = [], []
     for rows in groups:
         idx = torch.from_numpy(rows).to(inp.device)
-        o, h, c = lstm_layers_fused(inp.index_select(0, idx), reset[rows], h0.index_select(1, idx),
-                                    c0.index_select(1, idx), weights)
+        o, f = _layers_fused(cell, inp.index_select(0, idx), reset[rows], tuple(s.index_select(1, idx) for s in state),
+                             layers)
         outs.append(o)
-        hs.append(h)
-        cs.append(c)
+        finals.append(f)
     inv = torch.from_numpy(np.argsort(np.concatenate(groups))).to(inp.device)
-    return (torch.cat(outs).index_select(0, inv), torch.cat(hs, 1).index_select(1, inv),
-            torch.cat(cs, 1).index_select(1, inv))
+    return (torch.cat(outs).index_select(0, inv),
+            tuple(torch.cat(parts, 1).index_select(1, inv) for parts in zip(*finals)))
 
 
-def lstm_layers_packed(inp: torch.Tensor, lengths: np.ndarray, h0: torch.Tensor, c0: torch.Tensor,
-                       weights: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-    """The ``peer`` baseline: ``nn.LSTM``'s kernel over ``pack_padded_sequence`` (zero initial
-    state). Returns outputs [B, T, H] (zeros at padding) and the state after each row's last
-    valid token, [L, B, H] each."""
+def layers_packed(cell: str, inp: torch.Tensor, lengths: np.ndarray, state: State, layers: Sequence[Layer]):
+    """The ``peer`` baseline: the framework's kernel over ``pack_padded_sequence`` (zero initial
+    state). Returns the outputs [B, T, H] (zeros at padding) and the state after each row's last
+    valid token."""
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-    B, T, _ = inp.shape
-    params = vf_params(weights)
+    c = CELLS[cell]
+    T = inp.shape[1]
     packed = pack_padded_sequence(inp, torch.from_numpy(np.maximum(lengths, 1)), batch_first=True,
                                   enforce_sorted=False)
-    zero = torch.zeros_like(h0)                           # the padded layout starts every row fresh
-    out, h, c = torch._VF.lstm(packed.data, packed.batch_sizes, (zero, zero), params, True,
-                               len(weights), 0.0, torch.is_grad_enabled(), False)
-    out, _ = pad_packed_sequence(packed._replace(data=out), batch_first=True, total_length=T)
+    zero = tuple(torch.zeros_like(s) for s in state)    # the padded layout starts every row fresh
+    data, final = c.vf_packed(packed.data, packed.batch_sizes, zero, [q for p in layers for q in c.vf_params(p)],
+                              len(layers))
+    out, _ = pad_packed_sequence(packed._replace(data=data), batch_first=True, total_length=T)
     order = packed.unsorted_indices
-    return out, h.index_select(1, order), c.index_select(1, order)
+    return out, tuple(s.index_select(1, order) for s in final)
 
 
-class ResetLSTM(torch.nn.Module):
-    """A reusable one-layer LSTM with per-row, per-timestep state resets.
+# --------------------------------------------------------------------------- modules
+class _ResetRNN(torch.nn.Module):
+    """The modules' common part: layers of one cell, in canonical layout, shaped like nn.LSTM."""
 
-    ``forward(x [B, T, in], reset [B, T] bool, state=None) -> (out [B, T, H], (h, c))``: row ``b``'s
-    state is zeroed before step ``t`` where ``reset[b, t]`` (which also cuts the gradient). Feed the
-    returned ``(h, c)``, detached, as the next window's ``state`` for stateful TBPTT over packed
-    streams. Weights are in canonical layout (``w_x`` [in, 4H], ``w_h`` [H, 4H], ``b`` [4H], gates
-    i, f, g, o): ``nn.LSTM``'s ``weight_ih_l0`` is ``w_x.T`` and ``bias_ih + bias_hh`` is ``b``.
-    """
+    cell = "abstract"
 
-    def __init__(self, input_size: int, hidden_size: int, kernel: str = "fused"):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, batch_first: bool = False,
+                 kernel: str = "fused"):
         super().__init__()
         if kernel not in ("fused", "loop"):
-            raise ValueError(f"ResetLSTM kernel={kernel!r}: allowed fused, loop")
-        bound = hidden_size ** -0.5
-        self.hidden_size = hidden_size
-        self.w_x = torch.nn.Parameter(torch.empty(input_size, 4 * hidden_size).uniform_(-bound, bound))
-        self.w_h = torch.nn.Parameter(torch.empty(hidden_size, 4 * hidden_size).uniform_(-bound, bound))
-        self.b = torch.nn.Parameter(torch.zeros(4 * hidden_size))
-        self.kernel = kernel
+            raise ValueError(f"{type(self).__name__} kernel={kernel!r}: allowed fused, loop")
+        if num_layers < 1:
+            raise ValueError(f"{type(self).__name__} num_layers={num_layers!r}: must be at least 1")
+        self.input_size, self.hidden_size, self.num_layers = int(input_size), int(hidden_size), int(num_layers)
+        self.batch_first, self.kernel = bool(batch_first), kernel
+        c = CELLS[self.cell]
+        G = c.gates * self.hidden_size
+        names = ("w_x", "w_h", c.input_bias) + tuple(k for k in c.recurrent if k != "w_h")
+        for layer in range(self.num_layers):
+            rows = {"w_x": self.input_size if layer == 0 else self.hidden_size, "w_h": self.hidden_size}
+            for name in names:
+                shape = (rows[name], G) if name in rows else (G,)
+                self.register_parameter(f"{name}_l{layer}", torch.nn.Parameter(torch.empty(shape)))
+        self.reset_parameters()
 
-    def forward(self, x: torch.Tensor, reset: torch.Tensor,
-                state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+    def reset_parameters(self) -> None:
+        """PyTorch's default: every weight and bias uniform in +-1/sqrt(hidden_size)."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            torch.nn.init.uniform_(p, -bound, bound)
+
+    def layer(self, layer: int) -> Dict[str, torch.Tensor]:
+        """Layer ``layer``'s canonical weights (``w_x``, ``w_h``, ``b`` or ``b_x``, ``b_h``)."""
+        suffix = f"_l{layer}"
+        return {n[:-len(suffix)]: p for n, p in self.named_parameters() if n.endswith(suffix)}
+
+    def canonical(self, prefix: Optional[str] = None) -> Dict[str, np.ndarray]:
+        """Every layer's weights as resetbench canonical NumPy arrays (``<cell>.<l>.<key>``)."""
+        prefix = self.cell if prefix is None else prefix
+        return {f"{prefix}.{l}.{k}": v.detach().cpu().numpy().copy()
+                for l in range(self.num_layers) for k, v in self.layer(l).items()}
+
+    def load_canonical(self, weights: Mapping[str, np.ndarray], prefix: Optional[str] = None) -> None:
+        """Load canonical weights (``<cell>.<l>.<key>``, e.g. a run's ``weights.npz``)."""
+        prefix = self.cell if prefix is None else prefix
+        with torch.no_grad():
+            for l in range(self.num_layers):
+                for k, p in self.layer(l).items():
+                    value = torch.as_tensor(np.asarray(weights[f"{prefix}.{l}.{k}"]), dtype=p.dtype)
+                    if tuple(value.shape) != tuple(p.shape):
+                        raise ValueError(f"{prefix}.{l}.{k}: shape {tuple(value.shape)}, the layer has {tuple(p.shape)}")
+                    p.copy_(value)
+
+    def forward(self, x: torch.Tensor, reset: torch.Tensor, state=None):
+        """``x`` [T, B, in] (``[B, T, in]`` with ``batch_first``), ``reset`` bool in the same
+        layout ([T, B] or [B, T]): zero a row's state before that step. ``state``: the cell's
+        state tensors [L, B, H] (or None: zeros). Returns the last layer's outputs (same layout as
+        ``x``) and the final state, to be fed (detached) to the next window."""
+        if not self.batch_first:
+            x, reset = x.transpose(0, 1), reset.transpose(0, 1)
         B = x.shape[0]
         if state is None:
-            zeros = x.new_zeros(B, self.hidden_size)
-            state = (zeros, zeros)
+            state = self.zero_state(B, x)
+        state = (state,) if isinstance(state, torch.Tensor) else tuple(state)
+        layers = [self.layer(l) for l in range(self.num_layers)]
         if self.kernel == "fused":          # the rewrite is planned on the host: reset goes to NumPy
-            out, h, c = lstm_layers_fused_grouped(x, reset.detach().bool().cpu().numpy(), state[0][None],
-                                          state[1][None], [(self.w_x, self.w_h, self.b)])
-            return out, (h[0], c[0])
-        out, h, c = lstm_layers_loop(x, reset.bool(), state[0][None], state[1][None], [(self.w_x, self.w_h, self.b)])
-        return out, (h[0], c[0])
+            out, final = layers_fused(self.cell, x, reset.detach().bool().cpu().numpy(), state, layers)
+        else:
+            out, final = layers_loop(self.cell, x, reset.bool(), state, layers)
+        out = out if self.batch_first else out.transpose(0, 1)
+        return out, (final[0] if len(final) == 1 else final)
+
+    def zero_state(self, batch: int, like: torch.Tensor):
+        raise NotImplementedError
+
+
+class ResetLSTM(_ResetRNN):
+    """``nn.LSTM``'s shape and initialization, with per-row, per-step state resets.
+
+    ``ResetLSTM(input_size, hidden_size, num_layers=1, batch_first=False, kernel="fused")``;
+    ``layer(x, reset, (h0, c0)) -> out, (h, c)``, state tensors ``[num_layers, B, H]``. Row b's
+    state is replaced by zeros before step t where ``reset`` is set (which cuts the gradient and
+    clears a NaN). Parameters per layer l: ``w_x_l{l}`` [in, 4H], ``w_h_l{l}`` [H, 4H], ``b_l{l}``
+    [4H] (gates i, f, g, o; nn.LSTM's ``weight_ih_l{l} = w_x.T``, ``bias_ih + bias_hh = b``)."""
+
+    cell = "lstm"
+
+    def zero_state(self, batch: int, like: torch.Tensor):
+        z = like.new_zeros(self.num_layers, batch, self.hidden_size)
+        return (z, z)
+
+    @classmethod
+    def from_torch(cls, lstm: torch.nn.LSTM, kernel: str = "fused") -> "ResetLSTM":
+        """The same weights as ``lstm`` (an ``nn.LSTM`` with biases, one direction)."""
+        layer = cls(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.batch_first, kernel)
+        with torch.no_grad():
+            for l in range(lstm.num_layers):
+                p = layer.layer(l)
+                p["w_x"].copy_(getattr(lstm, f"weight_ih_l{l}").t())
+                p["w_h"].copy_(getattr(lstm, f"weight_hh_l{l}").t())
+                p["b"].copy_(getattr(lstm, f"bias_ih_l{l}") + getattr(lstm, f"bias_hh_l{l}"))
+        return layer
+
+
+class ResetGRU(_ResetRNN):
+    """``nn.GRU``'s shape and initialization, with per-row, per-step state resets.
+
+    ``ResetGRU(input_size, hidden_size, num_layers=1, batch_first=False, kernel="fused")``;
+    ``layer(x, reset, h0) -> out, h``, state ``[num_layers, B, H]``. Parameters per layer l:
+    ``w_x_l{l}`` [in, 3H], ``w_h_l{l}`` [H, 3H], ``b_x_l{l}``, ``b_h_l{l}`` [3H] (gates r, z, n;
+    nn.GRU's ``weight_ih_l{l} = w_x.T``, ``bias_ih = b_x``, ``bias_hh = b_h``)."""
+
+    cell = "gru"
+
+    def zero_state(self, batch: int, like: torch.Tensor):
+        return like.new_zeros(self.num_layers, batch, self.hidden_size)
+
+    @classmethod
+    def from_torch(cls, gru: torch.nn.GRU, kernel: str = "fused") -> "ResetGRU":
+        """The same weights as ``gru`` (an ``nn.GRU`` with biases, one direction)."""
+        layer = cls(gru.input_size, gru.hidden_size, gru.num_layers, gru.batch_first, kernel)
+        with torch.no_grad():
+            for l in range(gru.num_layers):
+                p = layer.layer(l)
+                p["w_x"].copy_(getattr(gru, f"weight_ih_l{l}").t())
+                p["w_h"].copy_(getattr(gru, f"weight_hh_l{l}").t())
+                p["b_x"].copy_(getattr(gru, f"bias_ih_l{l}"))
+                p["b_h"].copy_(getattr(gru, f"bias_hh_l{l}"))
+        return layer

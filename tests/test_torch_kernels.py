@@ -3,6 +3,8 @@ and weights after 3 SGD steps, on windows with mid-window resets and a carried s
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -15,15 +17,21 @@ SPEC = ModelSpec(embed=6, hidden=8, layers=2)
 SGD = OptimizerSpec("sgd", lr=0.5)
 
 
+CELLS = ("lstm", "gru")
+
+
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("kernel", ["compile"])
-def test_kernel_matches_oracle(kernel):
+def test_kernel_matches_oracle(kernel, cell):
     """The slow-to-build kernels on one shape (compile: minutes per shape, so not in the shared
     conformance suite); precompile builds the graphs without touching weights or state."""
+    spec = dataclasses.replace(SPEC, cell=cell)
+
     def prepare(be):
-        w = be.get_weights()["lstm.0.w_h"].copy()
+        w = be.get_weights()[f"{cell}.0.w_h"].copy()
         be.precompile([(3, 6)], [(3, 6)])
-        np.testing.assert_array_equal(be.get_weights()["lstm.0.w_h"], w)
-    be, _ = check_parity("torch", kernel, SPEC, mid_reset_batches(30, B=3, T=6), random_state(31, SPEC, 3),
+        np.testing.assert_array_equal(be.get_weights()[f"{cell}.0.w_h"], w)
+    be, _ = check_parity("torch", kernel, spec, mid_reset_batches(30, B=3, T=6), random_state(31, spec, 3),
                          prepare=prepare)
     assert be.kernel == f"torch.{kernel}"
 
@@ -31,7 +39,8 @@ def test_kernel_matches_oracle(kernel):
 ADAM = OptimizerSpec("adam", lr=0.01, clip_norm=0.5)
 
 
-def test_fused_plan_edge_cases():
+@pytest.mark.parametrize("cell", CELLS)
+def test_fused_plan_edge_cases(cell):
     """The fused kernel's window rewrite on awkward reset patterns: adjacent resets, a reset in
     the last column, a row resetting at every step, resets at columns 0 and 1, rows without."""
     B, T = 5, 7
@@ -44,12 +53,15 @@ def test_fused_plan_edge_cases():
     batches = [Batch(rng.integers(0, 257, (B, T)).astype(np.int32), rng.integers(0, 257, (B, T)).astype(np.int32),
                      np.ones((B, T), np.float32), reset.copy()) for _ in range(3)]
     batches[2].mask[4, 5:] = 0.0
-    check_parity("torch", "fused", SPEC, batches, random_state(41, SPEC, B), optimizer=ADAM)
+    spec = dataclasses.replace(SPEC, cell=cell)
+    check_parity("torch", "fused", spec, batches, random_state(41, spec, B), optimizer=ADAM)
 
 
 def test_baseline_kernel_names():
     w = tiny_weights(0, SPEC)
     assert make_backend("torch", SPEC, w, SGD, 2, kernel="native").kernel == "torch.native.nn_LSTM"
+    gru = dataclasses.replace(SPEC, cell="gru")
+    assert make_backend("torch", gru, tiny_weights(0, gru), SGD, 2, kernel="native").kernel == "torch.native.nn_GRU"
     assert make_backend("torch", SPEC, w, SGD, 2, kernel="peer").kernel == "torch.peer.pack_padded_sequence"
 
 
