@@ -7,6 +7,7 @@
 - :func:`lstm_layer_vjp`: the same layer, input projected per step, with a hand-written backward
   pass (one reverse scan, then the weight gradients as whole-window matmuls).
 - :func:`gru_cell`, :func:`gru_layer`, :func:`gru_layer_vjp`: the same for the GRU.
+- ``ResetLSTM``, ``ResetGRU``: flax linen modules taking ``(inputs [B, T, F], resets [B, T])``.
 
 Weights are resetbench's canonical layout: LSTM ``w_x`` [in, 4H], ``w_h`` [H, 4H], ``b`` [4H], gate
 blocks i, f, g, o; GRU ``w_x`` [in, 3H], ``w_h`` [H, 3H], ``b_x``, ``b_h`` [3H], gate blocks r, z, n.
@@ -187,3 +188,65 @@ def _gru_vjp_bwd(unroll, res, cotangents):
 
 
 gru_layer_vjp.defvjp(_gru_vjp_fwd, _gru_vjp_bwd)
+
+
+# --------------------------------------------------------------------------- flax modules
+def _flax():
+    """flax.linen, imported on first use (the pure functions above need only JAX)."""
+    import flax.linen as nn
+    return nn
+
+
+def _uniform(bound: float):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+def reset_rnn_module(cell: str):
+    """A flax linen module class for ``cell`` (``ResetLSTM``, ``ResetGRU``): built here so that
+    importing this module does not need flax."""
+    nn = _flax()
+    gates, biases = (4, ("b",)) if cell == "lstm" else (3, ("b_x", "b_h"))
+
+    class ResetRNN(nn.Module):
+        """One reset-aware recurrent layer: ``layer(inputs [B, T, F], resets [B, T] bool,
+        initial_state=None) -> (outputs [B, T, H], final state)``. Row b's state is replaced by
+        zeros before step t where ``resets[b, t]`` (a NaN state is cleared too, and no gradient
+        crosses the reset). The state is ``(h, c)`` for the LSTM, ``h`` for the GRU, [B, H] each.
+        Parameters are resetbench's canonical layout (``w_x``, ``w_h`` and the biases),
+        initialized like PyTorch's (uniform in +-1/sqrt(features)); the time loop is a
+        ``lax.scan`` with the hand-written backward pass."""
+
+        features: int
+
+        @nn.compact
+        def __call__(self, inputs, resets, initial_state=None):
+            H = self.features
+            init = _uniform(1.0 / float(np.sqrt(H)))
+            w_x = self.param("w_x", init, (inputs.shape[-1], gates * H))
+            w_h = self.param("w_h", init, (H, gates * H))
+            b = [self.param(name, init, (gates * H,)) for name in biases]
+            B = inputs.shape[0]
+            if initial_state is None:
+                zeros = jnp.zeros((B, H), inputs.dtype)
+                initial_state = (zeros, zeros) if cell == "lstm" else zeros
+            state = tuple(initial_state) if cell == "lstm" else (initial_state,)
+            x, r = jnp.swapaxes(inputs, 0, 1), jnp.swapaxes(resets, 0, 1)[:, :, None].astype(bool)
+            if cell == "lstm":
+                out, h, c = lstm_layer_vjp(x, r, *state, w_x, w_h, b[0])
+                return jnp.swapaxes(out, 0, 1), (h, c)
+            out, h = gru_layer_vjp(x, r, *state, w_x, w_h, *b)
+            return jnp.swapaxes(out, 0, 1), h
+
+    ResetRNN.__name__ = ResetRNN.__qualname__ = "ResetLSTM" if cell == "lstm" else "ResetGRU"
+    return ResetRNN
+
+
+def __getattr__(name: str):
+    """``ResetLSTM`` and ``ResetGRU`` (flax modules) on first access."""
+    if name in ("ResetLSTM", "ResetGRU"):
+        module = reset_rnn_module("lstm" if name == "ResetLSTM" else "gru")
+        globals()[name] = module
+        return module
+    raise AttributeError(name)
