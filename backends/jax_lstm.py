@@ -55,7 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from resetbench.jax_layers import lstm_layer, lstm_layer_vjp  # noqa: E402
+from resetbench.jax_layers import State, gru_layer, gru_layer_vjp, lstm_layer, lstm_layer_vjp  # noqa: E402
 from backends.base import Backend, Batch, ConfigError, ModelSpec, OptimizerSpec  # noqa: E402
 
 Params = Dict[str, jax.Array]
@@ -64,63 +64,83 @@ FLAX_KERNELS = ("native", "peer")           # the kernels built on flax (importe
 # internal kernel key (kernel=scan with hoist=true: "scan.hoisted") -> the recorded kernel name,
 # before any .unrollN suffix
 KERNEL_NAMES = {"scan": "jax.scan", "scan.hoisted": "jax.scan.hoisted", "scan.autodiff": "jax.scan.autodiff",
-                "native": "jax.native.flax_OptimizedLSTMCell",
+                "native": "jax.native.flax_{CELL}",
                 "peer": "jax.peer.flax_rnn_seq_lengths"}
+FLAX_CELLS = {"lstm": "OptimizedLSTMCell", "gru": "GRUCell"}
 
 
-def scan_layers(params: Params, h0: jax.Array, c0: jax.Array, inp: jax.Array, reset: jax.Array,
-                mask: Optional[jax.Array], layers: int, unroll: int, hoist: bool = False,
-                autodiff: bool = False):
-    """Kernel ``scan``: the reset-aware stack. ``inp`` [T, B, E] time-major, ``reset`` [B, T];
-    returns the last layer's outputs [T, B, H] and per-layer final ``h``, ``c`` lists. ``hoist``:
-    the input projection of the whole window is one matmul before the loop (JAX's autodiff);
-    else per step, with the hand-written backward of :func:`lstm_layer_vjp` unless ``autodiff``."""
+def scan_layers(params: Params, state: State, inp: jax.Array, reset: jax.Array, mask: Optional[jax.Array],
+                layers: int, unroll: int, cell: str, hoist: bool = False, autodiff: bool = False):
+    """Kernel ``scan``: the reset-aware stack of ``cell`` layers. ``inp`` [T, B, E] time-major,
+    ``reset`` [B, T], ``state`` one [L, B, H] array per state component; returns the last layer's
+    outputs [T, B, H] and each layer's final state. ``hoist``: the input projection of the whole
+    window is one matmul before the loop (JAX's autodiff); else per step, with the hand-written
+    backward (:func:`lstm_layer_vjp`, :func:`gru_layer_vjp`) unless ``autodiff``."""
     r = reset.T[:, :, None]                                     # [T, B, 1] bool
-    hs, cs = [], []
+    finals = []
     for layer in range(layers):
-        w_x, w_h, b = (params[f"lstm.{layer}.{k}"] for k in ("w_x", "w_h", "b"))
+        p = {k.rsplit(".", 1)[1]: v for k, v in params.items() if k.startswith(f"{cell}.{layer}.")}
+        s0 = tuple(s[layer] for s in state)
+        if cell == "lstm":
+            if hoist:
+                inp, h, c = lstm_layer(inp @ p["w_x"] + p["b"], r, *s0, p["w_h"], unroll)
+            elif not autodiff:
+                inp, h, c = lstm_layer_vjp(inp, r, *s0, p["w_x"], p["w_h"], p["b"], unroll)
+            else:
+                inp, h, c = lstm_layer(inp, r, *s0, p["w_h"], unroll, p["w_x"], p["b"])
+            finals.append((h, c))
+            continue
         if hoist:
-            inp, h, c = lstm_layer(inp @ w_x + b, r, h0[layer], c0[layer], w_h, unroll)
+            inp, h = gru_layer(inp @ p["w_x"] + p["b_x"], r, *s0, p["w_h"], p["b_h"], unroll)
         elif not autodiff:
-            inp, h, c = lstm_layer_vjp(inp, r, h0[layer], c0[layer], w_x, w_h, b, unroll)
+            inp, h = gru_layer_vjp(inp, r, *s0, p["w_x"], p["w_h"], p["b_x"], p["b_h"], unroll)
         else:
-            inp, h, c = lstm_layer(inp, r, h0[layer], c0[layer], w_h, unroll, w_x, b)
-        hs.append(h)
-        cs.append(c)
-    return inp, hs, cs
+            inp, h = gru_layer(inp, r, *s0, p["w_h"], p["b_h"], unroll, p["w_x"], p["b_x"])
+        finals.append((h,))
+    return inp, finals
 
 
-def flax_cell_params(w_x: jax.Array, w_h: jax.Array, b: jax.Array) -> Dict[str, Any]:
-    """Canonical layer weights -> the variables of ``nn.RNN(nn.OptimizedLSTMCell(H))``: per gate
-    ``g`` in i, f, g, o an input kernel ``i{g}`` (no bias) and a recurrent kernel ``h{g}`` carrying
-    the bias. Pure slicing, so gradients flow back to the canonical arrays."""
-    H = w_h.shape[0]
-    cell = {}
-    for k, gate in enumerate("ifgo"):
-        cols = slice(k * H, (k + 1) * H)
-        cell[f"i{gate}"] = {"kernel": w_x[:, cols]}
-        cell[f"h{gate}"] = {"kernel": w_h[:, cols], "bias": b[cols]}
-    return {"params": {"cell": cell}}
+def flax_cell_params(cell: str, p: Params) -> Dict[str, Any]:
+    """Canonical layer weights -> the variables of flax's ``nn.OptimizedLSTMCell`` (per gate g in
+    i, f, g, o: an input kernel ``i{g}`` without bias, a recurrent kernel ``h{g}`` with the bias)
+    or ``nn.GRUCell`` (``ir``, ``iz``, ``in`` with biases: b_x + b_h for r and z, b_x for n;
+    ``hr``, ``hz`` without, ``hn`` with b_h). Pure slicing, so gradients flow back."""
+    H = p["w_h"].shape[0]
+    blocks = lambda a, k: a[..., k * H:(k + 1) * H]                 # noqa: E731
+    out: Dict[str, Any] = {}
+    if cell == "lstm":
+        for k, gate in enumerate("ifgo"):
+            out[f"i{gate}"] = {"kernel": blocks(p["w_x"], k)}
+            out[f"h{gate}"] = {"kernel": blocks(p["w_h"], k), "bias": blocks(p["b"], k)}
+        return {"params": {"cell": out}}
+    for k, gate in enumerate("rzn"):
+        bias = blocks(p["b_x"], k) + (blocks(p["b_h"], k) if gate != "n" else 0.0)
+        out[f"i{gate}"] = {"kernel": blocks(p["w_x"], k), "bias": bias}
+        out[f"h{gate}"] = {"kernel": blocks(p["w_h"], k), **({"bias": blocks(p["b_h"], k)} if gate == "n" else {})}
+    return {"params": {"cell": out}}
 
 
-def flax_layers(params: Params, h0: jax.Array, c0: jax.Array, inp: jax.Array, reset: jax.Array,
-                mask: Optional[jax.Array], layers: int, unroll: int, lengths: bool = False):
+def flax_layers(params: Params, state: State, inp: jax.Array, reset: jax.Array, mask: Optional[jax.Array],
+                layers: int, unroll: int, cell: str, lengths: bool = False):
     """Kernels ``native`` (``lengths=False``) and ``peer`` (``lengths=True``: ``seq_lengths`` from
-    the prefix ``mask``): flax ``nn.RNN(nn.OptimizedLSTMCell)`` per layer. Only column-0 resets
-    are applied (they zero the initial state); the host has refused every other layout."""
+    the prefix ``mask``): flax ``nn.RNN(nn.OptimizedLSTMCell)`` / ``nn.RNN(nn.GRUCell)`` per layer.
+    Only column-0 resets are applied (they zero the initial state); the host has refused every
+    other layout."""
     import flax.linen as nn
 
     keep0 = 1.0 - reset[:, :1].astype(F32)                    # [B, 1]
     seq_lengths = jnp.sum(mask, axis=1).astype(jnp.int32) if lengths else None
-    rnn = nn.RNN(nn.OptimizedLSTMCell(h0.shape[-1]), time_major=True, return_carry=True, unroll=unroll)
-    hs, cs = [], []
+    H = state[0].shape[-1]
+    flax_cell = nn.OptimizedLSTMCell(H) if cell == "lstm" else nn.GRUCell(H)
+    rnn = nn.RNN(flax_cell, time_major=True, return_carry=True, unroll=unroll)
+    finals = []
     for layer in range(layers):
-        variables = flax_cell_params(*(params[f"lstm.{layer}.{k}"] for k in ("w_x", "w_h", "b")))
-        (c, h), inp = rnn.apply(variables, inp, initial_carry=(c0[layer] * keep0, h0[layer] * keep0),
-                                seq_lengths=seq_lengths)
-        hs.append(h)
-        cs.append(c)
-    return inp, hs, cs
+        p = {k.rsplit(".", 1)[1]: v for k, v in params.items() if k.startswith(f"{cell}.{layer}.")}
+        s0 = tuple(s[layer] * keep0 for s in state)
+        carry = (s0[1], s0[0]) if cell == "lstm" else s0[0]      # flax's LSTM carry is (c, h)
+        carry, inp = rnn.apply(flax_cell_params(cell, p), inp, initial_carry=carry, seq_lengths=seq_lengths)
+        finals.append((carry[1], carry[0]) if cell == "lstm" else (carry,))
+    return inp, finals
 
 
 # internal kernel key -> layer stack ("scan.hoisted": kernel scan with hoist=true)
@@ -131,16 +151,15 @@ LAYER_STACKS: Dict[str, Callable] = {"scan": scan_layers,
                                      "peer": functools.partial(flax_layers, lengths=True)}
 
 
-def logits_fn(params: Params, h0: jax.Array, c0: jax.Array, x: jax.Array, reset: jax.Array,
-              layers: int, unroll: int, mask: Optional[jax.Array] = None,
-              kernel: str = "scan") -> Tuple[jax.Array, jax.Array, jax.Array]:
-    """Time-major logits [T, B, V] of batch-major ``x``/``reset``/``mask`` [B, T] from state
-    ``(h0, c0)`` ([L, B, H]), and the final state (detached: no gradient crosses a batch
-    boundary). ``mask`` is read only by kernel ``peer`` (its sequence lengths)."""
+def logits_fn(params: Params, state: State, x: jax.Array, reset: jax.Array, layers: int, unroll: int,
+              cell: str, mask: Optional[jax.Array] = None, kernel: str = "scan") -> Tuple[jax.Array, State]:
+    """Time-major logits [T, B, V] of batch-major ``x``/``reset``/``mask`` [B, T] from ``state``
+    (one [L, B, H] array per state component of ``cell``), and the final state (detached: no
+    gradient crosses a batch boundary). ``mask`` is read only by kernel ``peer`` (its lengths)."""
     inp = params["embedding"][x.T]                             # [T, B, E]
-    inp, hs, cs = LAYER_STACKS[kernel](params, h0, c0, inp, reset, mask, layers, unroll)
+    inp, finals = LAYER_STACKS[kernel](params, state, inp, reset, mask, layers, unroll, cell)
     logits = inp @ params["head.w"] + params["head.b"]
-    return logits, jax.lax.stop_gradient(jnp.stack(hs)), jax.lax.stop_gradient(jnp.stack(cs))
+    return logits, tuple(jax.lax.stop_gradient(jnp.stack(parts)) for parts in zip(*finals))
 
 
 def cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
@@ -149,13 +168,13 @@ def cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
-def loss_fn(params: Params, h0: jax.Array, c0: jax.Array, x: jax.Array, y: jax.Array,
-            mask: jax.Array, reset: jax.Array, layers: int, unroll: int, kernel: str = "scan"):
+def loss_fn(params: Params, state: State, x: jax.Array, y: jax.Array, mask: jax.Array, reset: jax.Array,
+            layers: int, unroll: int, cell: str, kernel: str = "scan"):
     """Masked-mean loss ``sum(ce * mask) / max(sum(mask), 1)`` and the final state."""
-    logits, h, c = logits_fn(params, h0, c0, x, reset, layers, unroll, mask, kernel)
+    logits, state = logits_fn(params, state, x, reset, layers, unroll, cell, mask, kernel)
     m = mask.T
     loss = jnp.sum(cross_entropy(logits, y.T) * m) / jnp.maximum(jnp.sum(m), 1.0)
-    return loss, (h, c)
+    return loss, state
 
 
 def clip_by_global_norm(grads: Params, clip_norm: Optional[float]) -> Params:
@@ -222,7 +241,8 @@ class JaxBackend(Backend):
                 raise ConfigError("backend.kernel", kernel,
                                   f"needs flax ({err}); pip install 'resetbench[jax]'") from None
         self.unroll = int(unroll)
-        self.kernel = KERNEL_NAMES[self._kernel] + ("" if self.unroll == 1 else f".unroll{self.unroll}")
+        self.kernel = KERNEL_NAMES[self._kernel].replace("{CELL}", FLAX_CELLS.get(spec.cell, spec.cell)) + (
+            "" if self.unroll == 1 else f".unroll{self.unroll}")
         self.dev, self.device = resolve_device(device)
         self._sharding = jax.sharding.SingleDeviceSharding(self.dev)
         self._tx = make_optimizer(optimizer)
@@ -247,30 +267,30 @@ class JaxBackend(Backend):
 
     def _step_fns(self) -> Dict[str, Tuple[Callable, Tuple[int, ...]]]:
         """Kind -> (pure function, donated argument numbers). Arguments: params, [opt_state,]
-        h, c, x, y, mask, reset (forward: no y). Train, grads and forward run the configured
-        kernel; eval runs ``self.eval_kernel`` (see the module docstring)."""
-        L, U, K, E = self.spec.layers, self.unroll, self._kernel, self._eval
+        state (a tuple), x, y, mask, reset (forward: no y). Train, grads and forward run the
+        configured kernel; eval runs ``self.eval_kernel`` (see the module docstring)."""
+        L, U, K, E, C = self.spec.layers, self.unroll, self._kernel, self._eval, self.spec.cell
         tx, clip = self._tx, self.optimizer.clip_norm
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-        def train(params, opt_state, h, c, x, y, mask, reset):
-            (loss, (h, c)), grads = grad_fn(params, h, c, x, y, mask, reset, L, U, K)
+        def train(params, opt_state, state, x, y, mask, reset):
+            (loss, state), grads = grad_fn(params, state, x, y, mask, reset, L, U, C, K)
             updates, opt_state = tx.update(clip_by_global_norm(grads, clip), opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, h, c, loss
+            return optax.apply_updates(params, updates), opt_state, state, loss
 
-        def grads(params, h, c, x, y, mask, reset):
-            (loss, (h, c)), g = grad_fn(params, h, c, x, y, mask, reset, L, U, K)
-            return loss, g, h, c
+        def grads(params, state, x, y, mask, reset):
+            (loss, state), g = grad_fn(params, state, x, y, mask, reset, L, U, C, K)
+            return loss, g, state
 
-        def evaluate(params, h, c, x, y, mask, reset):
-            logits, h, c = logits_fn(params, h, c, x, reset, L, U, kernel=E)
-            return jnp.sum(cross_entropy(logits, y.T) * mask.T), h, c
+        def evaluate(params, state, x, y, mask, reset):
+            logits, state = logits_fn(params, state, x, reset, L, U, C, kernel=E)
+            return jnp.sum(cross_entropy(logits, y.T) * mask.T), state
 
-        def forward(params, h, c, x, mask, reset):
-            logits, h, c = logits_fn(params, h, c, x, reset, L, U, mask, K)
-            return jnp.swapaxes(logits, 0, 1), h, c
+        def forward(params, state, x, mask, reset):
+            logits, state = logits_fn(params, state, x, reset, L, U, C, mask, K)
+            return jnp.swapaxes(logits, 0, 1), state
 
-        return {"train": (train, (0, 1, 2, 3)), "grads": (grads, ()), "eval": (evaluate, (1, 2)),
+        return {"train": (train, (0, 1, 2)), "grads": (grads, ()), "eval": (evaluate, (1,)),
                 "forward": (forward, ())}
 
     def _abstract(self, tree: Any) -> Any:
@@ -283,12 +303,12 @@ class JaxBackend(Backend):
         if key not in self._compiled:
             fn, donate = self._step_fns()[kind]
             sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=self._sharding)
-            state = sds((self.spec.layers, B, self.spec.hidden), F32)
+            state = tuple(sds((self.spec.layers, B, self.spec.hidden), F32) for _ in self.spec.state_names)
             ids, mask, reset = sds((B, T), jnp.int32), sds((B, T), F32), sds((B, T), jnp.bool_)
             args = [self._abstract(self.params)]
             if kind == "train":
                 args.append(self._abstract(self.opt_state))
-            args += [state, state, ids] + ([] if kind == "forward" else [ids]) + [mask, reset]
+            args += [state, ids] + ([] if kind == "forward" else [ids]) + [mask, reset]
             self._compiled[key] = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
             self.compile_count += 1
         return self._compiled[key]
@@ -297,8 +317,8 @@ class JaxBackend(Backend):
         """The batch's ``fields`` on the device, after checking its rows against the carried state
         and, for the training kernel (``train``), its layout against the kernel's ``needs``."""
         B = batch.x.shape[0]
-        if B != self.h.shape[1]:
-            raise ValueError(f"batch has {B} rows but the carried state has {self.h.shape[1]}; "
+        if B != self.state[0].shape[1]:
+            raise ValueError(f"batch has {B} rows but the carried state has {self.state[0].shape[1]}; "
                              f"call reset_state({B}) first")
         if train:
             self.check_batch(batch)
@@ -315,42 +335,37 @@ class JaxBackend(Backend):
     def train_step(self, batch: Batch) -> jax.Array:
         data = self._batch(batch)
         step = self._executable("train", *batch.x.shape)
-        self.params, self.opt_state, self.h, self.c, loss = step(self.params, self.opt_state,
-                                                                 self.h, self.c, *data)
+        self.params, self.opt_state, self.state, loss = step(self.params, self.opt_state, self.state, *data)
         return loss
 
     def gradients(self, batch: Batch) -> Tuple[float, Dict[str, np.ndarray]]:
         data = self._batch(batch)
-        loss, grads, self.h, self.c = self._executable("grads", *batch.x.shape)(
-            self.params, self.h, self.c, *data)
+        loss, grads, self.state = self._executable("grads", *batch.x.shape)(self.params, self.state, *data)
         return float(loss), {k: np.asarray(g, np.float32) for k, g in grads.items()}
 
     def forward(self, batch: Batch) -> np.ndarray:
         data = self._batch(batch, "x mask reset")
-        logits, self.h, self.c = self._executable("forward", *batch.x.shape)(
-            self.params, self.h, self.c, *data)
+        logits, self.state = self._executable("forward", *batch.x.shape)(self.params, self.state, *data)
         return np.asarray(logits)
 
     def eval_step(self, batch: Batch) -> float:
         data = self._batch(batch, train=False)
-        total, self.h, self.c = self._executable("eval", *batch.x.shape)(
-            self.params, self.h, self.c, *data)
+        total, self.state = self._executable("eval", *batch.x.shape)(self.params, self.state, *data)
         return float(total)
 
-    def get_state(self) -> Tuple[np.ndarray, np.ndarray]:
-        return np.array(self.h, np.float32), np.array(self.c, np.float32)
+    def get_state(self) -> Tuple[np.ndarray, ...]:
+        return tuple(np.array(s, np.float32) for s in self.state)
 
-    def set_state(self, h: np.ndarray, c: np.ndarray) -> None:
-        # two separate device buffers even if h is c: the train step donates both
-        self.h = self._put(np.array(h, np.float32))
-        self.c = self._put(np.array(c, np.float32))
-        self.batch_size = self.h.shape[1]
+    def set_state(self, *state: np.ndarray) -> None:
+        # separate device buffers even if the arrays are one object: the train step donates them
+        self.state = tuple(self._put(np.array(s, np.float32)) for s in state)
+        self.batch_size = self.state[0].shape[1]
 
     def get_weights(self) -> Dict[str, np.ndarray]:
         return {k: np.array(v, np.float32) for k, v in self.params.items()}
 
     def synchronize(self) -> None:
-        jax.block_until_ready((self.params, self.opt_state, self.h, self.c))
+        jax.block_until_ready((self.params, self.opt_state, self.state))
 
     def peak_memory_bytes(self) -> Optional[int]:
         if self.device != "cuda":

@@ -87,10 +87,10 @@ def test_precompile_changes_nothing_and_covers_the_timed_loop():
     be.set_state(*random_state(23, TINY, B))
     rng = np.random.default_rng(24)
     batches = [random_batch(rng, B, t, resets=[(1, 2)]) for t in (9, 16, 9, 16)]
-    before = _leaves((be.params, be.opt_state, be.h, be.c))
+    before = _leaves((be.params, be.opt_state, be.state))
     be.precompile(train_shapes=[(B, 9), (B, 16)], eval_shapes=[(B, 9)])
     assert be.compile_count == 3
-    after = _leaves((be.params, be.opt_state, be.h, be.c))
+    after = _leaves((be.params, be.opt_state, be.state))
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
 
@@ -125,10 +125,10 @@ def test_repeated_shape_compiles_once_and_new_row_count_works():
 
 def test_state_and_loss_stay_on_the_device_and_buffers_are_donated():
     be = _backend()
-    old_w, old_h = be.params["head.w"], be.h
+    old_w, old_h = be.params["head.w"], be.state[0]
     loss = be.train_step(mid_reset_batches(26)[0])
     assert isinstance(loss, jax.Array) and loss.shape == ()
-    for arr in (be.h, be.c, *be.params.values()):
+    for arr in (*be.state, *be.params.values()):
         assert isinstance(arr, jax.Array) and arr.devices() == {be.dev}
     assert old_w.is_deleted() and old_h.is_deleted(), "train step did not donate its buffers"
     assert np.isfinite(float(loss))
@@ -138,7 +138,7 @@ def test_reset_state_gives_two_buffers():
     """``reset_state`` passes one zero array for h and c; they must not alias (both are donated)."""
     be = _backend()
     be.reset_state(B)
-    assert be.h is not be.c
+    assert be.state[0] is not be.state[1]
     be.train_step(mid_reset_batches(27)[0])           # would fail on donating one buffer twice
     assert be.get_state()[0].shape == (TINY.layers, B, TINY.hidden)
 

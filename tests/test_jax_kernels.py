@@ -5,6 +5,8 @@ test_jax.py."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -219,16 +221,18 @@ def test_precompile_covers_the_baseline_kernels(kernel):
 
 # --------------------------------------------------------------------------- scan, hoisted projection
 @pytest.mark.parametrize("option,name", [("hoist", "jax.scan.hoisted"), ("autodiff", "jax.scan.autodiff")])
-def test_scan_variants_match_oracle_with_mid_window_resets(option, name):
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_scan_variants_match_oracle_with_mid_window_resets(option, name, cell):
     """``hoist=true`` (the whole window's input projection before the loop) and ``autodiff=true``
-    (JAX's autodiff instead of the hand-written backward) are exact too; the default (hand-written
-    backward) runs the shared conformance suite."""
-    be = make_backend("jax", SPEC, tiny_weights(0, SPEC), ADAM, B, **{option: True})
-    orc = oracle(SPEC, tiny_weights(0, SPEC), ADAM, B)
+    (JAX's autodiff instead of the hand-written backward) are exact too, for every cell; the
+    default (hand-written backward) runs the shared conformance suite."""
+    spec = dataclasses.replace(SPEC, cell=cell)
+    be = make_backend("jax", spec, tiny_weights(0, spec), ADAM, B, **{option: True})
+    orc = oracle(spec, tiny_weights(0, spec), ADAM, B)
     assert be.kernel == name
-    h0, c0 = random_state(41, SPEC, B)
-    be.set_state(h0, c0)
-    orc.set_state(h0, c0)
+    state = random_state(41, spec, B)
+    be.set_state(*state)
+    orc.set_state(*state)
     rng = np.random.default_rng(42)
     windows = [random_batch(rng, B, T, resets=[(0, 3), (2, 0), (1, 5)], pad_tail=2 * (k == 2))
                for k in range(3)]
