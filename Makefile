@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.resetbench-installed
 EXTRAS ?= all,dev
 ARGS   ?=
 
-.PHONY: setup bench test docs plots tables kernels study exercise clean-venv
+.PHONY: setup bench test docs plots tables kernels study sweeps exercise clean-venv
 
 setup: $(STAMP)
 
@@ -36,14 +36,19 @@ plots: $(STAMP)
 
 # rebuild results/tables from the newest sweeps of each experiment under results/runs
 tables: $(STAMP)
-	$(PY) -m benchmarks.results results/runs --latest --experiments compare,waste,window,peers,study_verses,study_chapters,window_chapters
+	$(PY) -m benchmarks.results results/runs --latest --experiments all
 
-# the fair study: tune learning rates per strategy, then every strategy x backend x seed (about an
-# hour and a half on 2 CPU cores); then make tables plots
+# the fair study: tune learning rates per strategy, then every strategy x backend x seed, for the
+# LSTM and the GRU (about two and a half hours on 2 CPU cores); then make tables plots
 study: $(STAMP)
 	$(PY) -m benchmarks.study conf/study/verses.yaml
 	$(PY) -m benchmarks.study conf/study/chapters.yaml --phase final --lr-from verses
 	$(PY) run.py -m +experiment=window_chapters
+	$(PY) -m benchmarks.study conf/study/verses_gru.yaml
+
+# the throughput sweeps, one job at a time (about an hour on 2 CPU cores); then make tables plots
+sweeps: $(STAMP)
+	for e in compare peers compare_gru peers_gru waste window; do $(PY) run.py -m +experiment=$$e || exit $$?; done
 
 # kernel benchmark: every backend's kernels vs its native no-reset LSTM, matmul peaks
 # (results/tables/kernels.csv, matmul.csv, results/figures/kernels.png; ~15 min on 2 CPU cores)

@@ -183,7 +183,9 @@ def plot_throughput(runs: pd.DataFrame, path: str, experiment: Optional[str] = "
     ax.set_xticks(range(len(backends)), backends)
     ax.set_ylabel("valid tokens / s (timed steps)")
     n_seeds = df.groupby(["backend", "strategy"]).size().max()
-    ax.set_title(f"Training throughput per valid token (bar: median of {n_seeds} run(s); dots: runs)")
+    cells = sorted(set(df["cell"].dropna().astype(str))) if "cell" in df.columns else []
+    cell = f"{'/'.join(c.upper() for c in cells)} " if cells else ""
+    ax.set_title(f"{cell}Training throughput per valid token (bar: median of {n_seeds} run(s); dots: runs)")
     ax.legend(title="strategy", frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
@@ -524,6 +526,7 @@ def figure_specs(suffix: str = "") -> List[Tuple[str, Callable[[Mapping[str, pd.
     cp = (c, f"peers{suffix}")        # compare's runs and the peer baselines on the same data and budget
     return [
         ("throughput.png", lambda t, p: plot_throughput(t["runs"], p, cp)),
+        ("throughput_gru.png", lambda t, p: plot_throughput(t["runs"], p, (f"compare_gru{suffix}", f"peers_gru{suffix}"))),
         ("padding.png", lambda t, p: plot_padding(t["runs"], p, c)),
         ("loss_vs_time.png", lambda t, p: plot_loss_vs_time(t["evals"], p, t["runs"], c)),
         ("loss_vs_tokens.png", lambda t, p: plot_loss_vs_tokens(t["evals"], p, t["runs"], c)),
@@ -537,8 +540,9 @@ def figure_specs(suffix: str = "") -> List[Tuple[str, Callable[[Mapping[str, pd.
     ]
 
 
-# the fair study's experiments (benchmarks/study.py): a ranking table and eval-loss curves each
-STUDIES = ("study_verses", "study_chapters")
+# the fair study's experiments (the plans in conf/study/, run by benchmarks/study.py): a ranking
+# table and eval-loss curves each
+STUDIES = tuple(registry.study_experiments())
 
 
 def write_rankings(runs: pd.DataFrame, out: str, suffix: str = "", echo: Callable[[str], None] = print) -> List[str]:
@@ -572,15 +576,17 @@ def build_all(tables: Mapping[str, pd.DataFrame], out: str, suffix: str = "",
         except Exception as exc:  # noqa: BLE001 - one bad figure must not stop the others
             plt.close("all")
             echo(f"  skipped {name}: {type(exc).__name__}: {exc}")
-    table = summary_table(tables["runs"], tables.get("evals"), (f"compare{suffix}", f"peers{suffix}"))
-    if len(table):
-        table.to_csv(os.path.join(out, "summary.csv"), index=False, float_format="%.6g")
-        with open(os.path.join(out, "summary.md"), "w") as fh:
+    for cell, name in (("", "summary"), ("_gru", "summary_gru")):   # the LSTM's experiments, the GRU's
+        experiments = (f"compare{cell}{suffix}", f"peers{cell}{suffix}")
+        table = summary_table(tables["runs"], tables.get("evals"), experiments)
+        if not len(table):
+            echo(f"  skipped {name} table: no completed {experiments[0]} runs")
+            continue
+        table.to_csv(os.path.join(out, f"{name}.csv"), index=False, float_format="%.6g")
+        with open(os.path.join(out, f"{name}.md"), "w") as fh:
             fh.write(to_markdown(table))
-        written += [os.path.join(out, "summary.csv"), os.path.join(out, "summary.md")]
-        echo(f"  wrote {os.path.join(out, 'summary.md')}")
-    else:
-        echo(f"  skipped summary table: no completed compare{suffix} runs")
+        written += [os.path.join(out, f"{name}.csv"), os.path.join(out, f"{name}.md")]
+        echo(f"  wrote {written[-1]}")
     return written + write_rankings(tables["runs"], out, suffix, echo)
 
 

@@ -116,6 +116,13 @@ def layout_properties() -> list:
     return sorted({p for props in strategy_guarantees().values() for p in props})
 
 
+def study_experiments() -> list:
+    """The experiments of the study plans in ``conf/study/`` (not their ``_debug`` twins), in
+    plan-name order: each gets a ranking table and a figure."""
+    names = [n for n in group_options("study") if not n.endswith("_debug")]
+    return [group_config("study", n)["experiment"] for n in names]
+
+
 def group_options(group: str) -> list:
     """Names of the files in ``conf/<group>/`` (the allowed values of a config group)."""
     folder = os.path.join(CONF_DIR, group)

@@ -366,6 +366,12 @@ def write_tables(runs: pd.DataFrame, steps: pd.DataFrame, evals: pd.DataFrame, o
     return paths
 
 
+def published_experiments() -> List[str]:
+    """The experiments whose tables are committed: every ``conf/experiment/`` file but the ``_debug`` twins."""
+    from benchmarks.registry import group_options
+    return [e for e in group_options("experiment") if not e.endswith("_debug")]
+
+
 def main(argv: Optional[Iterable[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.results",
                                  description="Collect run directories into small CSV tables.")
@@ -376,7 +382,8 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
                     help="keep every K-th step of each run (plus its first and last) in steps.csv; 1 keeps all")
     ap.add_argument("--latest", action="store_true", help="keep only the newest sweep of each experiment")
     ap.add_argument("--experiments", default=None, metavar="A,B",
-                    help="keep only these experiments (e.g. compare,waste,window)")
+                    help="keep only these experiments (e.g. compare,waste,window); 'all': every experiment "
+                    "in conf/experiment/ but the _debug twins")
     ap.add_argument("--no-lengths", action="store_true", help="do not write lengths.csv")
     args = ap.parse_args(list(argv) if argv is not None else None)
     missing = [r for r in args.roots if not os.path.isdir(r)]
@@ -385,7 +392,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
         return 2
     runs, steps, evals, problems = collect_many(args.roots)
     if args.experiments:
-        keep = set(_sweep_values(args.experiments))
+        keep = set(published_experiments() if args.experiments == "all" else _sweep_values(args.experiments))
         runs = runs[runs["experiment"].isin(keep)].reset_index(drop=True)
     if args.latest:
         runs = latest_sweeps(runs)

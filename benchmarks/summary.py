@@ -43,6 +43,7 @@ class RunSummary:
     embed: Optional[int] = None
     hidden: Optional[int] = None
     layers: Optional[int] = None
+    cell: Optional[str] = None              # model.cell: lstm, gru (a file in conf/cell/)
     optimizer: Optional[str] = None
     lr: Optional[float] = None
     clip_norm: Optional[float] = None
@@ -116,7 +117,7 @@ class RunSummary:
         return cls(experiment=get("experiment"), backend=get("backend", "name"), strategy=get("strategy", "name"),
                    data=get("data", "name"), seed=get("train", "seed"), batch_size=get("train", "batch_size"),
                    window=get("train", "window"), embed=get("model", "embed"), hidden=get("model", "hidden"),
-                   layers=get("model", "layers"), optimizer=get("train", "optimizer"), lr=get("train", "lr"),
+                   layers=get("model", "layers"), cell=get("model", "cell"), optimizer=get("train", "optimizer"), lr=get("train", "lr"),
                    clip_norm=get("train", "clip_norm"), kernel_option=get("backend", "kernel"),
                    config=dict(cfg))
 

@@ -24,21 +24,26 @@ from benchmarks import plots, registry, results  # noqa: E402
 from tests.helpers import REQUIRE_ALL  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = os.path.join(ROOT, "conf", "experiment")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1",
               "TF_NUM_INTEROP_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
               "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
 
 
+def composed(name: str):
+    """conf/experiment/NAME.yaml composed by Hydra (its parents too), with the hydra node."""
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=registry.CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[f"+experiment={name}"], return_hydra_config=True)
+
+
 def sweep_axes(name: str) -> dict:
-    """``hydra.sweeper.params`` of conf/experiment/NAME.yaml as {key: [values]}, each axis expanded
-    by Hydra's own override parser (``glob(*)`` over a config group needs its config loader)."""
+    """``hydra.sweeper.params`` of experiment NAME as {key: [values]}, each axis expanded by Hydra's
+    own override parser (``glob(*)`` over a config group needs its config loader)."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    with open(os.path.join(EXPERIMENTS, f"{name}.yaml")) as fh:
-        params = yaml.safe_load(fh)["hydra"]["sweeper"]["params"]
+    params = composed(name).hydra.sweeper.params
     with initialize_config_dir(config_dir=registry.CONF_DIR, version_base="1.3"):
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().hydra.config_loader)
         parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()])
@@ -66,7 +71,7 @@ def _check_runs(runs, experiment, n):
     assert runs["run_dir"].is_unique
 
 
-@pytest.mark.parametrize("name", ["compare_debug", "waste_debug", "window_debug", "peers_debug"])
+@pytest.mark.parametrize("name", ["compare_debug", "waste_debug", "window_debug", "peers_debug", "peers_gru_debug"])
 def test_debug_experiment_runs_and_is_collected(tmp_path, name):
     axes = sweep_axes(name)
     extra = []
@@ -94,8 +99,7 @@ def test_debug_experiment_runs_and_is_collected(tmp_path, name):
     seen = {tuple(str(row[columns[k]]) for k in axes) for _, row in runs.iterrows()}
     assert seen == set(itertools.product(*axes.values()))
     # the fixed token budget stopped each run; periodic evals give loss curves
-    with open(os.path.join(EXPERIMENTS, f"{name}.yaml")) as fh:
-        budget = yaml.safe_load(fh)["train"]["max_valid_tokens"]
+    budget = composed(name).train.max_valid_tokens
     assert (runs["stop_reason"] == "token_budget").all()
     assert (runs["valid_tokens"] >= budget).all()
     assert (evals.groupby("run_dir").size() >= 2).all() and evals["run_dir"].nunique() == n
@@ -111,7 +115,8 @@ def test_debug_experiment_runs_and_is_collected(tmp_path, name):
 
 
 def test_full_experiments_compose_with_their_axes():
-    """compare / waste / window: the axes of the study (composed by Hydra, nothing run)."""
+    """compare / waste / window / peers (and their GRU twins): the axes (composed by Hydra, nothing
+    run); every point of every token-budget experiment validates."""
     frameworks = [b for b in registry.group_options("backend") if b != "numpy"]    # not the oracle
     assert sweep_axes("compare") == {"backend": frameworks, "strategy": registry.group_options("strategy"),
                                      "train.seed": ["0", "1", "2"]}
@@ -124,9 +129,10 @@ def test_full_experiments_compose_with_their_axes():
     from benchmarks.config import validate
     assert sweep_axes("peers") == {"backend": frameworks, "strategy": ["padded"],
                                    "backend.kernel": ["peer"], "train.seed": ["0", "1", "2"]}
-    for name in ("compare", "waste", "window", "peers", "compare_debug", "waste_debug", "window_debug", "peers_debug"):
-        with initialize_config_dir(config_dir=registry.CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[f"+experiment={name}"], return_hydra_config=True)
+    assert sweep_axes("compare_gru") == sweep_axes("compare") and sweep_axes("peers_gru") == sweep_axes("peers")
+    # every experiment at a token budget (the study's run one epoch each: tests/test_study.py)
+    for name in [e for e in registry.group_options("experiment") if not e.startswith("study_")]:
+        cfg = composed(name)
         assert cfg.hydra.sweep.dir.startswith(f"results/runs/{name}_")
         job = OmegaConf.to_container(cfg, resolve=False)
         job.pop("hydra")
@@ -141,6 +147,7 @@ def test_full_experiments_compose_with_their_axes():
                 plain = OmegaConf.to_container(point, resolve=True)
                 validate(plain)
                 assert plain["experiment"] == name
+                assert plain["model"]["cell"] == ("gru" if "_gru" in name else "lstm")
                 t = plain["train"]
                 assert t["max_valid_tokens"] and t["steps"] is None and t["time_budget_s"] is None
                 assert plain["eval"]["every_steps"]

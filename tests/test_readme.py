@@ -1,7 +1,7 @@
-"""README stays true: its two set-up commands exist in the Makefile, the Keras example is the one
-the tests run, .ci/run calls the README's test command, and the kernel table is the one
-``python -m benchmarks.docs`` generates from ``conf/backend/*.yaml`` (one test per backend, so
-``pytest -k <backend>`` selects it)."""
+"""README stays true: its two set-up commands exist in the Makefile, each layer example (Keras,
+torch, JAX) is the one a test runs, .ci/run calls the README's test command, and the kernel table
+is the one ``python -m benchmarks.docs`` generates from ``conf/backend/*.yaml`` (one test per
+backend, so ``pytest -k <backend>`` selects it)."""
 
 from __future__ import annotations
 
@@ -30,12 +30,16 @@ def test_first_commands_are_make_targets_and_ci_uses_the_test_one():
     assert "make test" in read(".ci", "run")
 
 
-def test_keras_example_in_readme_is_the_tested_one():
-    readme = read("README.md")
-    test = read("tests", "test_keras_example.py")
+@pytest.mark.parametrize("test_file", ["test_keras_example.py", "test_torch_layer.py", "test_jax_layers.py"])
+def test_layer_example_in_readme_is_the_tested_one(test_file):
+    """Each layer example in the README is, line for line, the one a framework test runs."""
+    test = read("tests", test_file)
+    assert test.count("# --- README example start ---") == 1, f"{test_file}: one marked README example"
     snippet = test.split("# --- README example start ---\n")[1].split("# --- README example end ---")[0]
-    lines = [line[4:] if line.startswith("    ") else line for line in snippet.rstrip().splitlines()]
-    assert "\n".join(lines).strip() in readme
+    indent = min(len(line) - len(line.lstrip()) for line in snippet.splitlines() if line.strip())
+    code = "\n".join(line[indent:] for line in snippet.rstrip().splitlines()).strip()
+    blocks = re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
+    assert any(code in block for block in blocks), f"README.md: no python block holds the example of {test_file}"
 
 
 def _table_rows() -> list:

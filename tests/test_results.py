@@ -325,3 +325,11 @@ def test_length_tables_are_small_bin_counts():
     assert sorted(synth["sigma"].unique()) == [0.05, 0.3, 0.7, 1.5]    # the waste sweep's sigmas
     assert (synth.groupby("dataset")["count"].sum() == 4000).all()
     assert len(lengths) < 1000
+
+
+def test_published_experiments_are_the_conf_files_without_debug_twins():
+    from benchmarks.registry import group_options
+    from benchmarks.results import published_experiments
+    pub = published_experiments()
+    assert "compare" in pub and not any(e.endswith("_debug") for e in pub)
+    assert sorted(pub + [e for e in group_options("experiment") if e.endswith("_debug")]) == group_options("experiment")

@@ -52,25 +52,37 @@ def test_learning_rate_rule_is_the_lowest_median_validation_loss():
 
 @pytest.mark.slow
 def test_debug_studies_run_end_to_end(tmp_path):
-    """verses_debug: tune and final; chapters_debug: final at the verses rates; then the tables,
-    the ranking (every strategy, time to target) and the curves."""
+    """verses_debug: tune and final; chapters_debug: final at the verses rates; verses_gru_debug
+    (the GRU): tune and final; then the tables, the ranking (every strategy, time to target) and
+    the curves."""
     from benchmarks.plots import load_tables
     from benchmarks.results import main as collect_main
     from benchmarks.study_report import plot_study_curves, ranking
     tables, root = tmp_path / "tables", tmp_path / "runs"
     base = [sys.executable, "-m", "benchmarks.study", "--root", str(root), "--tables", str(tables)]
     for args in (["conf/study/verses_debug.yaml"],
-                 ["conf/study/chapters_debug.yaml", "--phase", "final", "--lr-from", "verses_debug"]):
+                 ["conf/study/chapters_debug.yaml", "--phase", "final", "--lr-from", "verses_debug"],
+                 ["conf/study/verses_gru_debug.yaml"]):
         r = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
-    lr = pd.read_csv(tables / "study_lr_verses_debug.csv")
-    assert lr.groupby("strategy")["chosen"].sum().eq(1).all() and len(lr) == 8
+    for plan in ("verses_debug", "verses_gru_debug"):
+        lr = pd.read_csv(tables / f"study_lr_{plan}.csv")
+        assert lr.groupby("strategy")["chosen"].sum().eq(1).all() and len(lr) == 8
     assert collect_main([str(root), "--out", str(tables), "--no-lengths"]) == 0
     t = load_tables(str(tables))
     runs = t["runs"]
     assert (runs["status"] == "completed").all() and runs["process_id"].nunique() == len(runs)
-    for experiment, n in (("study_verses_debug", 8), ("study_chapters_debug", 4)):
+    cells = runs.groupby("experiment")["cell"].agg(lambda c: set(c))
+    assert cells["study_verses_gru_debug"] == {"gru"} and cells["study_verses_debug"] == {"lstm"}
+    for experiment, n in (("study_verses_debug", 8), ("study_chapters_debug", 4), ("study_verses_gru_debug", 4)):
         table = ranking(runs, experiment)
         assert sorted(table["strategy"]) == registry.group_options("strategy")
         assert table["seeds"].sum() == n and {"time_to_target_s", "reached"} <= set(table.columns)
         assert os.path.getsize(plot_study_curves(t["evals"], runs, str(tmp_path / f"{experiment}.png"), experiment)) > 10_000
+
+
+def test_study_experiments_come_from_the_plans():
+    from benchmarks import plots, registry
+    plans = [n for n in registry.group_options("study") if not n.endswith("_debug")]
+    assert plots.STUDIES == tuple(registry.group_config("study", n)["experiment"] for n in plans)
+    assert "study_verses" in plots.STUDIES and all(e in registry.group_options("experiment") for e in plots.STUDIES)
