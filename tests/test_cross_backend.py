@@ -1,12 +1,16 @@
-"""Cross-backend: same seed and data -> the same losses step by step as torch for 10 SGD steps.
+"""Cross-backend: same seed and data -> the same losses step by step as torch for 10 SGD steps, for
+every cell; and every backend x strategy x cell evaluates its trained weights on held-out sequences
+to the NumPy oracle's eval loss for the same weights.
 
 Batches come from the real layouts (synthetic data, every strategy), so they carry state across
 windows and reset mid-window exactly as training does. Each backend trains in a process of its own
-(``python -m tests.trajectory``: two frameworks never share a process); this test only compares.
+(``python -m tests.trajectory``: two frameworks never share a process); this process runs only the
+oracle, which imports no framework.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -14,44 +18,72 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import REQUIRE_ALL, assert_close, backend_names
-from tests.trajectory import STRATEGIES
+from backends.base import OptimizerSpec
+from backends.cells import cell_names
+from benchmarks import registry
+from benchmarks.harness import evaluate
+from tests.helpers import REQUIRE_ALL, assert_close, backend_names, oracle
+from tests.trajectory import SPEC, STRATEGIES, held_out
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OTHERS = [n for n in backend_names() if n != "torch"]
 
 
 @pytest.fixture(scope="module")
-def trajectories(tmp_path_factory):
-    """Backend -> its trajectories (``python -m tests.trajectory``), computed once per session."""
-    from benchmarks import registry
-    folder = tmp_path_factory.mktemp("trajectories")
-    out = {}
-    for name in ["torch"] + OTHERS:
-        missing = registry.missing_requirements(registry.backend_configs()[name])
-        if missing:
-            if REQUIRE_ALL:
-                pytest.fail(f"backend {name} needs {missing} (RESETBENCH_REQUIRE_ALL=1)")
-            continue
-        path = folder / f"{name}.npz"
-        r = subprocess.run([sys.executable, "-m", "tests.trajectory", name, str(path)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
-        with np.load(path) as npz:
-            out[name] = {k: npz[k] for k in npz.files}
-    return out
+def trajectory(tmp_path_factory):
+    """``trajectory(name)``: that backend's results (``python -m tests.trajectory``), computed on
+    first use, once per test process (a framework group needs only its own backend and torch)."""
+    folder, cache = tmp_path_factory.mktemp("trajectories"), {}
+
+    def get(name):
+        if name not in cache:
+            missing = registry.missing_requirements(registry.backend_configs()[name])
+            if missing:
+                if REQUIRE_ALL:
+                    pytest.fail(f"backend {name} needs {missing} (RESETBENCH_REQUIRE_ALL=1)")
+                pytest.skip(f"backend {name} not installed")
+            path = folder / f"{name}.npz"
+            r = subprocess.run([sys.executable, "-m", "tests.trajectory", name, str(path)], cwd=ROOT,
+                               capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
+            with np.load(path) as npz:
+                cache[name] = {k: npz[k] for k in npz.files}
+        return cache[name]
+    return get
 
 
+def _cells(got, name, cell):
+    if not any(k.startswith(f"{cell}/") for k in got):
+        pytest.skip(f"{name}'s default kernel does not run the {cell} cell")
+
+
+@pytest.mark.parametrize("cell", cell_names())
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("other", OTHERS)
-def test_ten_sgd_steps_match_torch(trajectories, other, strategy):
-    if "torch" not in trajectories or other not in trajectories:
-        pytest.skip("backend not installed")
-    got, exp = trajectories[other], trajectories["torch"]
-    losses = f"{strategy}/losses"
+def test_ten_sgd_steps_match_torch(trajectory, other, strategy, cell):
+    got, exp = trajectory(other), trajectory("torch")
+    _cells(exp, "torch", cell)
+    _cells(got, other, cell)
+    losses = f"{cell}/{strategy}/losses"
     assert exp[losses][0] != exp[losses][-1]
-    assert_close(got[losses], exp[losses], f"{other} vs torch losses ({strategy})", rtol=2e-4)
-    keys = [k for k in exp if k.startswith(f"{strategy}/w/")]
+    assert_close(got[losses], exp[losses], f"{other} vs torch losses ({cell}, {strategy})", rtol=2e-4)
+    keys = [k for k in exp if k.startswith(f"{cell}/{strategy}/w/")]
     assert keys
     for k in keys:
         assert_close(got[k], exp[k], f"{other} vs torch weights {k}", rtol=1e-3, atol_scale=1e-4)
+
+
+@pytest.mark.parametrize("cell", cell_names())
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name", backend_names())
+def test_held_out_eval_loss_matches_the_oracle(trajectory, name, strategy, cell):
+    """The backend's weights after training on the strategy's batches, evaluated by the backend
+    and by the float64 oracle on sequences neither trained on: the same mean eval loss."""
+    got = trajectory(name)
+    _cells(got, name, cell)
+    key = f"{cell}/{strategy}"
+    weights = {k[len(key) + 3:]: v for k, v in got.items() if k.startswith(f"{key}/w/")}
+    ref = oracle(dataclasses.replace(SPEC, cell=cell), weights, OptimizerSpec("sgd", lr=1.0), 4)
+    expected, tokens = evaluate(ref, held_out())
+    assert tokens > 20 and expected > 0
+    assert_close(got[f"{key}/eval"], expected, f"{name} eval loss ({cell}, {strategy})", rtol=1e-5)
