@@ -87,7 +87,7 @@ def test_weights_after_three_steps(name, optimizer):
     state = _state(5, name)
     be.set_state(*state)
     orc.set_state(*state)
-    w0 = tiny_weights(0)
+    w0 = tiny_weights(0, variant_spec(name))
     for i, batch in enumerate(mid_reset_batches(6)):
         assert_close(float(be.train_step(batch)), orc.train_step(batch), f"loss step {i}")
     got, exp = be.get_weights(), orc.get_weights()
