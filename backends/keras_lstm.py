@@ -1,40 +1,46 @@
 """``backend=keras``: the contract model on Keras 3 with the TensorFlow backend.
 
-Embedding -> L :class:`resetbench.keras_layers.ResetLSTM` layers -> Dense head, cross-entropy on the
-logits. Weights are Keras variables in canonical layout (Keras's LSTM layout and gate order i, f,
-g, o are the contract's), so import and export are copies.
+Embedding -> L reset-aware layers of ``model.cell`` (:class:`resetbench.keras_layers.ResetLSTM` or
+:class:`~resetbench.keras_layers.ResetGRU`) -> Dense head, cross-entropy on the logits. The
+variables are the Keras layers' own, in Keras's layouts; canonical weights are converted on the
+way in and out by the layer class (``from_canonical`` / ``to_canonical``: the identity for the
+LSTM, whose Keras layout and gate order i, f, g, o are the contract's; for the GRU the r and z
+blocks swap and the two biases form Keras's [2, 3H] ``bias``). A conversion is a re-indexing, so
+gradients convert the same way, and the optimizer (elementwise, with a global-norm clip) gives the
+same update in either layout.
 
 The train step is one ``tf.function`` (optionally XLA, ``jit_compile``) traced once with
 ``input_signature`` dims ``[None, None]``: no retracing for a new padded length or batch size
 (XLA still compiles once per concrete shape; :meth:`KerasBackend.precompile` does that ahead of
 the timed loop). The optimizer is written in TensorFlow here, because ``keras.optimizers.Adam``
 adds epsilon to ``sqrt(v)`` before bias correction ("epsilon hat") while the contract's Adam
-(PyTorch's) adds it to ``sqrt(v_hat)``. The carried state ``(h, c)`` stays on the device as
-tensors passed into and returned from the compiled functions (detached: the tape never sees them
-as variables).
+(PyTorch's) adds it to ``sqrt(v_hat)``. The carried state (a tuple, one [L, B, H] tensor per state
+component of the cell: ``(h, c)`` or ``(h,)``) stays on the device as tensors passed into and
+returned from the compiled functions (detached: the tape never sees them as variables).
 
 Options (``conf/backend/keras.yaml``): ``kernel``, ``jit_compile`` (``auto``/``true``/``false``),
 ``loop`` (the layer's time-loop implementation), ``threads``.
 
 Kernels (``kernel``, declared in ``conf/backend/keras.yaml``; recorded as
 ``keras.{xla,tf_function}[.LOOP]`` for ``reset``, and with ``.native.LSTM`` / ``.peer.LSTM_mask``
-for the baselines):
+(``.native.GRU`` / ``.peer.GRU_mask``) for the baselines):
 
-- ``reset`` (exact): the ResetLSTM layers above.
-- ``native``: Keras's built-in ``keras.layers.LSTM`` (its own ``tf.while_loop`` with TensorFlow's
-  autodiff, or cuDNN on a GPU in graph mode), which cannot reset a row mid-window: a column-0
-  reset zeroes that row's initial state (``initial_state``), a later one is refused (ValueError,
-  checked on the host). On 2 CPU cores it is slower than ``reset`` (see ``_baseline_jit``).
-- ``peer``: what a Keras user writes for variable-length batches: ``keras.layers.LSTM`` with a
+- ``reset`` (exact): the ResetLSTM / ResetGRU layers above.
+- ``native``: Keras's built-in ``keras.layers.LSTM`` / ``keras.layers.GRU(reset_after=True)`` (its
+  own ``tf.while_loop`` with TensorFlow's autodiff, or cuDNN on a GPU in graph mode), which cannot
+  reset a row mid-window: a column-0 reset zeroes that row's initial state (``initial_state``), a
+  later one is refused (ValueError, checked on the host). On 2 CPU cores the LSTM is slower than
+  ``reset`` (see ``_baseline_jit``).
+- ``peer``: what a Keras user writes for variable-length batches: the same Keras layer with a
   padding mask (``positions < length``), on the ``padded`` layout only (ValueError otherwise).
   Masked steps carry the state, so the state left is each row's state after its last token; the
   logits at padded positions are Keras's (they do not count in the loss).
 
-Both baselines are the same model as ``reset`` with ``keras.layers.LSTM`` in place of ResetLSTM
-(same weights in canonical keys: Keras's LSTM layout and gate order are the contract's), the same
-loss, tape and optimizer. Each batch is checked on the host for the layout properties the kernel
-declares (``needs``). Their ``eval_step`` runs ``self.eval_kernel`` (``reset``: the reset-aware loop
-on the same weights), because the eval set is packed streams (every sequence from a zero state).
+Both baselines are the same model as ``reset`` with the Keras layer in place of the reset-aware one
+(the same variable layout), the same loss, tape and optimizer. Each batch is checked on the host
+for the layout properties the kernel declares (``needs``). Their ``eval_step`` runs
+``self.eval_kernel`` (``reset``: the reset-aware loop on the same weights), because the eval set is
+packed streams (every sequence from a zero state).
 """
 
 from __future__ import annotations
@@ -133,7 +139,7 @@ def _import_quietly():
 _prepare_environment()
 tf, keras = _import_quietly()
 
-from resetbench.keras_layers import IMPLEMENTATIONS, ResetLSTM, reset_lstm  # noqa: E402
+from resetbench.keras_layers import IMPLEMENTATIONS, LAYERS, ResetRNN, reset_rnn  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")
 _CONFIGURED: Dict[str, Any] = {}
@@ -172,7 +178,10 @@ def resolve_device(device: str) -> str:
 
 
 # the kernels this adapter implements (backend.kernel) -> their suffix of the recorded ``kernel``
-KERNEL_SUFFIXES = {"reset": "", "native": ".native.LSTM", "peer": ".peer.LSTM_mask"}
+# ({LAYER}: the Keras layer of the baselines, KERAS_LAYERS)
+KERNEL_SUFFIXES = {"reset": "", "native": ".native.{LAYER}", "peer": ".peer.{LAYER}_mask"}
+# cell -> the Keras layer the baselines run (``keras.layers.<name>``) and its options
+KERAS_LAYERS = {"lstm": ("LSTM", {}), "gru": ("GRU", {"reset_after": True})}
 
 
 def _parse_jit(value: Any) -> Any:
@@ -184,9 +193,16 @@ def _parse_jit(value: Any) -> Any:
     raise ConfigError("backend.jit_compile", value, "allowed: auto, true, false")
 
 
+def _rnn_variables(rnn) -> List[Any]:
+    """A recurrent layer's ``[kernel, recurrent_kernel, bias]`` (Keras layout): ours hold them
+    directly, ``keras.layers.LSTM`` / ``GRU`` in their ``.cell``."""
+    holder = rnn if isinstance(rnn, ResetRNN) else rnn.cell
+    return [holder.kernel, holder.recurrent_kernel, holder.bias]
+
+
 class KerasBackend(Backend):
-    """Keras 3 (TensorFlow) adapter: ResetLSTM layers (or ``keras.layers.LSTM`` for the baseline
-    kernels), compiled train step, Adam or SGD, clipping."""
+    """Keras 3 (TensorFlow) adapter: ResetLSTM / ResetGRU layers (or ``keras.layers.LSTM`` /
+    ``GRU`` for the baseline kernels), compiled train step, Adam or SGD, clipping."""
 
     name = "keras"
 
@@ -197,13 +213,15 @@ class KerasBackend(Backend):
         for k in (self.kernel_option, self.eval_kernel):
             if k not in KERNEL_SUFFIXES:
                 raise ConfigError("backend.kernel", k, f"allowed for backend=keras: {', '.join(KERNEL_SUFFIXES)}")
+        if spec.cell not in LAYERS:
+            raise ConfigError("model.cell", spec.cell, f"allowed for backend=keras: {', '.join(LAYERS)}")
         if optimizer.name not in ("adam", "sgd"):
             raise ConfigError("train.optimizer", optimizer.name, "allowed: adam, sgd")
         if loop not in IMPLEMENTATIONS or loop == "unroll":
             raise ConfigError("backend.loop", loop, "allowed for backend=keras: auto, tf_bptt, tf_while, scan")
         if kernel != "reset" and loop != "auto":
-            raise ConfigError("backend.loop", loop, f"ResetLSTM's loop; kernel={kernel} runs keras.layers.LSTM's "
-                              f"own loop: leave loop=auto")
+            raise ConfigError("backend.loop", loop, f"{LAYERS[spec.cell].__name__}'s loop; kernel={kernel} runs "
+                              f"keras.layers.{KERAS_LAYERS[spec.cell][0]}'s own loop: leave loop=auto")
         _configure_runtime(threads)
         self.device = resolve_device(device)
         self._tf_device = "/GPU:0" if self.device == "cuda" else "/CPU:0"
@@ -213,111 +231,129 @@ class KerasBackend(Backend):
             # when T is only known at run time ("XLA compilation requires a fixed tensor list size")
             raise ConfigError("backend.jit_compile", jit_compile, "XLA cannot compile loop=scan (Keras's "
                               "scan sets no maximum_iterations); use loop=tf_while or jit_compile=false")
-        # auto: XLA. Measured on 2 CPU cores (B=32, T=64, E=64, H=256, L=1, Adam, loop=tf_bptt):
+        # auto: XLA. Measured on 2 CPU cores (B=32, T=64, E=64, H=256, L=1, Adam, loop=tf_bptt, LSTM):
         # ~37k valid tokens/s with XLA vs ~25k with the plain tf.function graph, and the same
         # ordering at T=256 and 512 (XLA compiles ~2.5 s per (B, T) vs ~1.5 s to trace once).
         # loop=scan cannot compile under XLA, so auto means graph mode there.
         self.jit = (loop != "scan") if jit == "auto" else bool(jit)
         self.loop = "tf_bptt" if loop == "auto" else loop
-        # the train and eval steps' compilation: the reset-aware loop as self.jit, keras.layers.LSTM
+        # the train and eval steps' compilation: the reset-aware loop as self.jit, the Keras layer
         # as _baseline_jit says
         self.train_jit, self.eval_jit = (self.jit if k == "reset" else self._baseline_jit(jit)
                                          for k in (self.kernel_option, self.eval_kernel))
         self.kernel = ("keras.xla" if self.train_jit else "keras.tf_function") + (
-            KERNEL_SUFFIXES[kernel] or ("" if self.loop == "tf_bptt" else f".{self.loop}"))
+            KERNEL_SUFFIXES[kernel].replace("{LAYER}", KERAS_LAYERS[spec.cell][0])
+            or ("" if self.loop == "tf_bptt" else f".{self.loop}"))
         self._build_model(weights)
         self._build_functions()
         self.reset_state(batch_size)
 
     def _build_model(self, weights: Mapping[str, np.ndarray]) -> None:
-        """The layers (``_make_lstm``: the training kernel's LSTM) from canonical ``weights``, their
-        variables by canonical key, and the optimizer's slots, on this backend's device."""
+        """The layers (``_make_rnn``: the training kernel's recurrent layer) from canonical
+        ``weights``, their variables in canonical-key order (``_tvars``), and the optimizer's
+        slots, on this backend's device."""
         spec = self.spec
         L, H, E, V = spec.layers, spec.hidden, spec.embed, spec.vocab
         with tf.device(self._tf_device):
             self.embedding = keras.layers.Embedding(V, E, name="embedding")
             self.embedding.build((None, None))
-            self.lstms: List[Any] = []
+            self.rnns: List[Any] = []
             for layer in range(L):
-                lstm = self._make_lstm(layer)
-                lstm.build((None, None, E if layer == 0 else H))
-                self.lstms.append(lstm)
+                rnn = self._make_rnn(layer)
+                rnn.build((None, None, E if layer == 0 else H))
+                self.rnns.append(rnn)
             self.head = keras.layers.Dense(V, name="head")
             self.head.build((None, None, H))
-            self.vars: Dict[str, Any] = {"embedding": self.embedding.embeddings}
-            for layer, lstm in enumerate(self.lstms):
-                cell = getattr(lstm, "cell", lstm)       # keras.layers.LSTM keeps its weights in .cell
-                self.vars[f"lstm.{layer}.w_x"] = cell.kernel
-                self.vars[f"lstm.{layer}.w_h"] = cell.recurrent_kernel
-                self.vars[f"lstm.{layer}.b"] = cell.bias
-            self.vars["head.w"] = self.head.kernel
-            self.vars["head.b"] = self.head.bias
-            weights = check_weights(weights, spec)                   # float32, keys and shapes
-            self.vars = {k: self.vars[k] for k in canonical_shapes(spec)}
-            for k, v in self.vars.items():
-                v.assign(weights[k])
-            self._tvars = [v.value for v in self.vars.values()]       # the tf.Variables
+            variables = [self.embedding.embeddings] + [v for rnn in self.rnns for v in _rnn_variables(rnn)]
+            self._tvars = [v.value for v in variables + [self.head.kernel, self.head.bias]]   # the tf.Variables
+            for var, value in zip(self._tvars, self._from_canonical(check_weights(weights, spec))):
+                var.assign(value)
             self._m = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self._tvars]
             self._v = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self._tvars]
             self._t = tf.Variable(0, dtype=tf.int64, trainable=False)
 
+    # -- canonical weights <-> the variables' layout ------------------------------------------
+    def _from_canonical(self, weights: Mapping[str, np.ndarray]) -> List[np.ndarray]:
+        """Canonical weights -> one float32 array per variable of ``_tvars`` (Keras's layouts)."""
+        cell = self.spec.cell
+        arrays = [weights["embedding"]]
+        for layer in range(self.spec.layers):
+            prefix = f"{cell}.{layer}."
+            arrays += LAYERS[cell].from_canonical({k[len(prefix):]: v for k, v in weights.items()
+                                                   if k.startswith(prefix)})
+        arrays += [weights["head.w"], weights["head.b"]]
+        return [np.asarray(a, np.float32) for a in arrays]
+
+    def _to_canonical(self, arrays: Sequence[np.ndarray]) -> Dict[str, np.ndarray]:
+        """The inverse of :meth:`_from_canonical`, for weights and for their gradients (a
+        re-indexing): float32 copies by canonical key, in canonical order."""
+        cell = self.spec.cell
+        out = {"embedding": arrays[0], "head.w": arrays[-2], "head.b": arrays[-1]}
+        for layer in range(self.spec.layers):
+            parts = LAYERS[cell].to_canonical(*arrays[1 + 3 * layer:4 + 3 * layer])
+            out.update({f"{cell}.{layer}.{k}": v for k, v in parts.items()})
+        return {k: np.array(out[k], np.float32) for k in canonical_shapes(self.spec)}
+
     def _baseline_jit(self, jit: Any) -> bool:
         """jit_compile=auto for kernel=native/peer: XLA on a CPU, measured there (2 cores, B=32,
-        T=64, E=64, H=256, L=1, Adam, valid tokens/s): native 34k with XLA vs 26k as a
-        tf.function graph, peer 27k vs 16k (reset: 40k with XLA). On a GPU the graph, where
-        keras.layers.LSTM takes its cuDNN kernel, which XLA cannot compile (not measured here)."""
+        T=64, E=64, H=256, L=1, Adam, valid tokens/s, LSTM): native 34k with XLA vs 26k as a
+        tf.function graph, peer 27k vs 16k (reset: 40k with XLA); the GRU follows the LSTM (not
+        measured). On a GPU the graph, where keras.layers.LSTM / GRU take their cuDNN kernel,
+        which XLA cannot compile (not measured here)."""
         if jit != "auto":
             return bool(jit)
         return self.device != "cuda"
 
     # -- model ---------------------------------------------------------------------------------
-    def _make_lstm(self, layer: int):
-        """Layer ``layer``'s LSTM: the one place where the kernels' models differ."""
-        H, name = self.spec.hidden, f"lstm_{layer}"
+    def _make_rnn(self, layer: int):
+        """Layer ``layer``'s recurrent layer: the one place where the kernels' models differ."""
+        H, cell = self.spec.hidden, self.spec.cell
+        name = f"{cell}_{layer}"
         if self.kernel_option != "reset":
-            return keras.layers.LSTM(H, return_sequences=True, return_state=True, name=name)
-        return ResetLSTM(H, return_state=True, implementation=self.loop, name=name)
+            keras_name, options = KERAS_LAYERS[cell]
+            return getattr(keras.layers, keras_name)(H, return_sequences=True, return_state=True, name=name,
+                                                     **options)
+        return LAYERS[cell](H, return_state=True, implementation=self.loop, name=name)
 
-    def _logits(self, x, mask, reset, h0, c0, kernel: str):
-        """Logits and final state with ``kernel``: ``reset`` runs the reset-aware loop (the
-        ResetLSTM layers, or the same loop on keras.layers.LSTM's weights: a baseline's eval step),
-        ``native`` and ``peer`` keras.layers.LSTM (``peer`` with a padding mask)."""
+    def _logits(self, x, mask, reset, state, kernel: str):
+        """Logits and final state (a tuple of [L, B, H]) with ``kernel``: ``reset`` runs the
+        reset-aware loop (our layers, or the same loop on a Keras layer's weights: a baseline's
+        eval step), ``native`` and ``peer`` the Keras layer (``peer`` with a padding mask)."""
         inp = self.embedding(x)
-        hs, cs = [], []
+        finals = []
         keep = 1.0 - tf.cast(reset[:, :1], tf.float32)        # [B, 1]: the column-0 resets
         seq_mask = None
         if kernel == "peer":
             lengths = tf.reduce_sum(tf.cast(mask > 0, tf.int32), axis=1)   # checked on the host
             seq_mask = tf.sequence_mask(lengths, tf.shape(x)[1])
-        for layer, lstm in enumerate(self.lstms):
-            if isinstance(lstm, ResetLSTM):
-                inp, h, c = lstm(inp, reset, initial_state=(h0[layer], c0[layer]))
+        for layer, rnn in enumerate(self.rnns):
+            s0 = tuple(s[layer] for s in state)
+            if isinstance(rnn, ResetRNN):
+                inp, *final = rnn(inp, reset, initial_state=s0)
             elif kernel == "reset":
-                inp, h, c = reset_lstm(inp, reset, h0[layer], c0[layer], lstm.cell.kernel,
-                                       lstm.cell.recurrent_kernel, lstm.cell.bias, self.loop)
+                inp, final = reset_rnn(self.spec.cell, inp, reset, s0, *_rnn_variables(rnn), self.loop)
             else:
-                inp, h, c = lstm(inp, mask=seq_mask, initial_state=[h0[layer] * keep, c0[layer] * keep])
-            hs.append(h)
-            cs.append(c)
-        return self.head(inp), tf.stack(hs), tf.stack(cs)
+                inp, *final = rnn(inp, mask=seq_mask, initial_state=[s * keep for s in s0])
+            finals.append(tuple(final))
+        return self.head(inp), tuple(tf.stack(parts) for parts in zip(*finals))
 
     @staticmethod
     def _ce(logits, y):
         return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
 
-    def _loss(self, x, y, mask, reset, h0, c0):
-        logits, h, c = self._logits(x, mask, reset, h0, c0, self.kernel_option)
+    def _loss(self, x, y, mask, reset, state):
+        logits, state = self._logits(x, mask, reset, state, self.kernel_option)
         loss = tf.reduce_sum(self._ce(logits, y) * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
-        return loss, h, c
+        return loss, state
 
-    def _grads(self, x, y, mask, reset, h0, c0):
+    def _grads(self, x, y, mask, reset, state):
         with tf.GradientTape() as tape:
-            loss, h, c = self._loss(x, y, mask, reset, h0, c0)
+            loss, state = self._loss(x, y, mask, reset, state)
         grads = tape.gradient(loss, self._tvars)
         # the embedding's gradient comes as IndexedSlices (maybe with repeated rows): make every
         # gradient dense so the global norm and Adam see the summed per-row gradient
         grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, self._tvars)]
-        return loss, grads, h, c
+        return loss, grads, state
 
     def _apply(self, grads):
         s = self.optimizer
@@ -343,19 +379,19 @@ class KerasBackend(Backend):
         L, H = self.spec.layers, self.spec.hidden
         ids = tf.TensorSpec([None, None], tf.int32)
         sig_batch = [ids, ids, tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None, None], tf.bool)]
-        sig_state = [tf.TensorSpec([L, None, H], tf.float32)] * 2
+        sig_state = [tuple(tf.TensorSpec([L, None, H], tf.float32) for _ in self.spec.state_names)]
 
-        def train(x, y, mask, reset, h0, c0):
-            loss, grads, h, c = self._grads(x, y, mask, reset, h0, c0)
+        def train(x, y, mask, reset, state):
+            loss, grads, state = self._grads(x, y, mask, reset, state)
             self._apply(grads)
-            return loss, h, c
+            return loss, state
 
-        def evaluate(x, y, mask, reset, h0, c0):
-            logits, h, c = self._logits(x, mask, reset, h0, c0, self.eval_kernel)
-            return tf.reduce_sum(self._ce(logits, y) * mask), h, c
+        def evaluate(x, y, mask, reset, state):
+            logits, state = self._logits(x, mask, reset, state, self.eval_kernel)
+            return tf.reduce_sum(self._ce(logits, y) * mask), state
 
-        def forward(x, mask, reset, h0, c0):
-            return self._logits(x, mask, reset, h0, c0, self.kernel_option)
+        def forward(x, mask, reset, state):
+            return self._logits(x, mask, reset, state, self.kernel_option)
 
         # train and eval steps: XLA if chosen (XLA compiles once per (B, T); see precompile).
         # forward and gradients serve the tests, which feed many shapes: graph mode only, so the
@@ -375,37 +411,38 @@ class KerasBackend(Backend):
     # -- protocol ------------------------------------------------------------------------------
     def train_step(self, batch: Batch):
         with tf.device(self._tf_device):
-            loss, self._h, self._c = self._train_fn(*self._args(batch), self._h, self._c)
+            loss, self._state = self._train_fn(*self._args(batch), self._state)
         return loss
 
     def gradients(self, batch: Batch) -> Tuple[float, Dict[str, np.ndarray]]:
         with tf.device(self._tf_device):
-            loss, grads, self._h, self._c = self._grad_fn(*self._args(batch), self._h, self._c)
-        return float(loss), {k: g.numpy().astype(np.float32) for k, g in zip(self.vars, grads)}
+            loss, grads, self._state = self._grad_fn(*self._args(batch), self._state)
+        return float(loss), self._to_canonical([g.numpy() for g in grads])
 
     def forward(self, batch: Batch) -> np.ndarray:
         with tf.device(self._tf_device):
             x, _, mask, reset = self._args(batch)
-            logits, self._h, self._c = self._fwd_fn(x, mask, reset, self._h, self._c)
+            logits, self._state = self._fwd_fn(x, mask, reset, self._state)
         return logits.numpy()
 
     def eval_step(self, batch: Batch) -> float:
         with tf.device(self._tf_device):   # self.eval_kernel: an exact one (packed eval set)
-            total, self._h, self._c = self._eval_fn(batch.x, batch.y, batch.mask, batch.reset, self._h, self._c)
+            total, self._state = self._eval_fn(batch.x, batch.y, batch.mask, batch.reset, self._state)
         return float(total)
 
-    def get_state(self) -> Tuple[np.ndarray, np.ndarray]:
-        return self._h.numpy().copy(), self._c.numpy().copy()
+    def get_state(self) -> Tuple[np.ndarray, ...]:
+        return tuple(s.numpy().copy() for s in self._state)
 
-    def set_state(self, h: np.ndarray, c: np.ndarray) -> None:
-        h = np.asarray(h, np.float32)
-        c = np.asarray(c, np.float32)
+    def set_state(self, *state: np.ndarray) -> None:
+        if len(state) != len(self.spec.state_names):
+            raise ValueError(f"set_state: {len(state)} arrays; model.cell={self.spec.cell} has "
+                             f"{len(self.spec.state_names)} state components ({', '.join(self.spec.state_names)})")
         with tf.device(self._tf_device):
-            self._h, self._c = tf.identity(h), tf.identity(c)
-        self.batch_size = int(h.shape[1])
+            self._state = tuple(tf.identity(np.asarray(s, np.float32)) for s in state)
+        self.batch_size = int(self._state[0].shape[1])
 
     def get_weights(self) -> Dict[str, np.ndarray]:
-        return {k: np.array(v.numpy(), np.float32) for k, v in zip(self.vars, self._tvars)}
+        return self._to_canonical([v.numpy() for v in self._tvars])
 
     def precompile(self, train_shapes: Sequence[Tuple[int, int]],
                    eval_shapes: Sequence[Tuple[int, int]] = ()) -> None:
@@ -417,14 +454,14 @@ class KerasBackend(Backend):
             return
         L, H = self.spec.layers, self.spec.hidden
         saved = [tf.identity(v) for v in self._tvars + self._m + self._v] + [tf.identity(self._t)]
-        h_keep, c_keep = self._h, self._c
+        state_keep = self._state
 
         def dummy(B, T):
             z = np.zeros((B, T), np.int32)
             reset = np.zeros((B, T), bool)
             reset[:, 0] = True
             s = np.zeros((L, B, H), np.float32)
-            return z, z, np.zeros((B, T), np.float32), reset, s, s
+            return z, z, np.zeros((B, T), np.float32), reset, tuple(s for _ in self.spec.state_names)
 
         try:
             with tf.device(self._tf_device):
@@ -435,7 +472,7 @@ class KerasBackend(Backend):
         finally:
             for var, val in zip(self._tvars + self._m + self._v + [self._t], saved):
                 var.assign(val)
-            self._h, self._c = h_keep, c_keep
+            self._state = state_keep
 
     def synchronize(self) -> None:
         if self.device == "cuda":

@@ -259,12 +259,14 @@ def check_kernel(cfg: Mapping[str, Any]) -> None:
 
 def check_backend_combinations(cfg: Mapping[str, Any]) -> None:
     """Option combinations a backend refuses when it is built (mirrored here, so they fail before
-    the framework loads): keras ``loop`` is ResetLSTM's, and XLA cannot compile ``loop=scan``."""
+    the framework loads): keras ``loop`` is the reset-aware layer's (ResetLSTM, ResetGRU: Reset + the
+    cell's name), and XLA cannot compile ``loop=scan``."""
     b = cfg["backend"]
     if b["name"] == "keras":
         loop, kernel = b.get("loop", "auto"), b.get("kernel", "reset")
         if kernel != "reset" and loop != "auto":
-            raise ConfigError("backend.loop", loop, f"ResetLSTM's loop; kernel={kernel} runs keras.layers.LSTM's "
+            layer = str(_get(cfg, "model.cell")).upper()
+            raise ConfigError("backend.loop", loop, f"Reset{layer}'s loop; kernel={kernel} runs keras.layers.{layer}'s "
                               f"own loop: leave loop=auto")
         if loop == "scan" and b.get("jit_compile") is True:
             raise ConfigError("backend.jit_compile", True, "XLA cannot compile loop=scan (Keras's scan sets no "

@@ -23,3 +23,18 @@ def test_kernel_option_errors():
         make_backend("keras", SPEC, w, ADAM, 2, kernel="native", loop="tf_while")
     be = make_backend("keras", SPEC, w, ADAM, 2, kernel="native", jit_compile=False)
     assert be.kernel == "keras.tf_function.native.LSTM"
+
+
+def test_gru_baselines_are_keras_gru():
+    """With model.cell=gru the baselines run keras.layers.GRU (recorded as such), and the loop
+    option is refused naming ResetGRU's loop and keras.layers.GRU."""
+    spec = ModelSpec(embed=6, hidden=8, layers=2, cell="gru")
+    w = tiny_weights(0, spec)
+    with pytest.raises(ConfigError, match="ResetGRU's loop; kernel=native runs keras.layers.GRU's own loop"):
+        make_backend("keras", spec, w, ADAM, 2, kernel="native", loop="tf_while")
+    for kernel, name in (("native", "keras.tf_function.native.GRU"), ("peer", "keras.tf_function.peer.GRU_mask")):
+        be = make_backend("keras", spec, w, ADAM, 2, kernel=kernel, jit_compile=False)
+        assert be.kernel == name
+        assert [type(rnn).__name__ for rnn in be.rnns] == ["GRU", "GRU"]
+        assert all(rnn.cell.reset_after for rnn in be.rnns)
+    assert make_backend("keras", spec, w, ADAM, 2, loop="tf_while").kernel == "keras.xla.tf_while"

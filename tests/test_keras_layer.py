@@ -1,14 +1,18 @@
-"""ResetLSTM (resetbench/keras_layers.py) and the Keras adapter's own choices (backends/keras_lstm.py).
+"""ResetLSTM and ResetGRU (resetbench/keras_layers.py) and the Keras adapter's own choices
+(backends/keras_lstm.py).
 
 The generic checks of ``backend=keras`` against the NumPy oracle live in test_conformance.py; here:
-the layer alone against the oracle (every loop implementation), statefulness per row, weights,
-equality with ``keras.layers.LSTM``, the same layer under KERAS_BACKEND=jax and torch (in
-subprocesses: the Keras backend is fixed at Keras's first import), PyTorch-style Adam epsilon,
-the non-default compile settings, and ``precompile``.
+each layer alone against the oracle (every loop implementation), the hand-written backward against
+TensorFlow's autodiff, statefulness per row, weights (canonical and Keras's layouts), equality with
+``keras.layers.LSTM`` / ``GRU`` from their own weights, the LSTM under KERAS_BACKEND=jax and torch
+(in subprocesses: the Keras backend is fixed at Keras's first import; both layers' training there:
+test_keras_backends.py), PyTorch-style Adam epsilon, the non-default compile settings, and
+``precompile``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -25,7 +29,7 @@ if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("k
 from backends import keras_lstm  # noqa: E402  (sets KERAS_BACKEND=tensorflow before keras loads)
 from backends import reference as ref  # noqa: E402
 from backends.base import Batch, ConfigError, ModelSpec, OptimizerSpec, init_weights  # noqa: E402
-from resetbench.keras_layers import ResetLSTM  # noqa: E402
+from resetbench.keras_layers import LAYERS, ResetLSTM  # noqa: E402
 from tests.helpers import (TINY, assert_close, mid_reset_batches, oracle, random_state,  # noqa: E402
                            tiny_weights)
 
@@ -34,27 +38,33 @@ import keras  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC1 = ModelSpec(embed=8, hidden=16, layers=1)
 B, T = 4, 9
+CELLS = sorted(LAYERS)
+KERAS_LAYERS = {"lstm": lambda H: keras.layers.LSTM(H, return_sequences=True, return_state=True),
+                "gru": lambda H: keras.layers.GRU(H, return_sequences=True, return_state=True, reset_after=True)}
 
 
-def _case(seed: int, B: int = B, T: int = T, resets=((0, 3), (2, 7), (1, 5), (3, 0))):
-    """Layer inputs (embedded ids), resets, canonical weights, a carried state, and the oracle's
-    hidden sequence and final state (float64) for them."""
+def _case(seed: int, cell: str = "lstm", B: int = B, T: int = T, resets=((0, 3), (2, 7), (1, 5), (3, 0))):
+    """Layer inputs (embedded ids), resets, the layer's canonical weights, a carried state (a
+    tuple, one [B, H] per state component), and the oracle's (float64) hidden sequence followed
+    by its final state: ``(seq, h, c)`` for the LSTM, ``(seq, h)`` for the GRU."""
+    spec = dataclasses.replace(SPEC1, cell=cell)
     rng = np.random.default_rng(seed)
-    w = {k: v.astype(np.float64) for k, v in tiny_weights(seed, SPEC1).items()}
+    w = {k: v.astype(np.float64) for k, v in tiny_weights(seed, spec).items()}
     x = rng.integers(0, 257, size=(B, T)).astype(np.int32)
     reset = np.zeros((B, T), bool)
     for b, t in resets:
         reset[b, t] = True
     batch = Batch(x, x, np.ones((B, T), np.float32), reset)
-    h0, c0 = random_state(seed + 1, SPEC1, B)
-    _, cache, (hT, cT) = ref.forward(w, batch, (h0.astype(np.float64), c0.astype(np.float64)), SPEC1)
+    state = random_state(seed + 1, spec, B)
+    _, cache, final = ref.forward(w, batch, tuple(s.astype(np.float64) for s in state), spec)
     inputs = w["embedding"][x].astype(np.float32)
-    lw = {k.split(".")[-1]: w[k].astype(np.float32) for k in ("lstm.0.w_x", "lstm.0.w_h", "lstm.0.b")}
-    return inputs, reset, lw, (h0[0], c0[0]), (cache["top"], hT[0], cT[0])
+    prefix = f"{cell}.0."
+    lw = {k[len(prefix):]: v.astype(np.float32) for k, v in w.items() if k.startswith(prefix)}
+    return inputs, reset, lw, tuple(s[0] for s in state), (cache["top"],) + tuple(f[0] for f in final)
 
 
-def _layer(lw, B=None, T=None, **kw) -> ResetLSTM:
-    layer = ResetLSTM(lw["w_h"].shape[0], **kw)
+def _layer(lw, B=None, T=None, cell: str = "lstm", **kw):
+    layer = LAYERS[cell](lw["w_h"].shape[0], **kw)
     layer.build((B, T, lw["w_x"].shape[0]))
     layer.set_canonical(**lw)
     return layer
@@ -64,113 +74,150 @@ def _np(x) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
-# --------------------------------------------------------------------------- the layer
+def _carried(layer):
+    """A stateful layer's carried state, one array per state component."""
+    return [_np(getattr(layer, f"state_{name}")) for name in layer.state_names]
+
+
+# --------------------------------------------------------------------------- the layers
 @pytest.mark.parametrize("impl", ["auto", "tf_bptt", "tf_while", "scan", "unroll"])
-def test_layer_matches_oracle(impl):
-    inputs, reset, lw, state0, (exp_seq, exp_h, exp_c) = _case(0)
-    layer = _layer(lw, return_state=True, implementation=impl)
-    seq, h, c = layer(inputs, reset, initial_state=state0)
-    assert_close(_np(seq), exp_seq, f"{impl}: sequence")
-    assert_close(_np(h), exp_h, f"{impl}: final h")
-    assert_close(_np(c), exp_c, f"{impl}: final c")
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_matches_oracle(cell, impl):
+    inputs, reset, lw, state0, exp = _case(0, cell)
+    layer = _layer(lw, cell=cell, return_state=True, implementation=impl)
+    got = layer(inputs, reset, initial_state=state0)
+    assert len(got) == len(exp) == 1 + len(layer.state_names)
+    for g, e, what in zip(got, exp, ("sequence",) + layer.state_names):
+        assert_close(_np(g), e, f"{cell} {impl}: {what}")
     # the list form layer([inputs, resets]) is the same call
-    assert_close(_np(layer([inputs, reset], initial_state=state0)[0]), exp_seq, f"{impl}: list call")
+    assert_close(_np(layer([inputs, reset], initial_state=state0)[0]), exp[0], f"{impl}: list call")
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
-def test_hand_written_backward_equals_autodiff(jit):
+@pytest.mark.parametrize("cell", CELLS)
+def test_hand_written_backward_equals_autodiff(cell, jit):
     """tf_bptt's custom gradient against TensorFlow's autodiff of the scan loop: w.r.t. the
     inputs, the initial state and every weight, with upstream gradients on the sequence and on
-    the final h and c, across mid-window resets."""
+    every final state component, across mid-window resets."""
     tf = keras_lstm.tf
-    inputs, reset, lw, (h0, c0), _ = _case(6)
+    inputs, reset, lw, state0, _ = _case(6, cell)
     rng = np.random.default_rng(7)
     H = lw["w_h"].shape[0]
-    probes = [tf.constant(rng.standard_normal(s).astype(np.float32)) for s in ((B, T, H), (B, H), (B, H))]
+    shapes = [(B, T, H)] + [(B, H)] * len(state0)
+    probes = [tf.constant(rng.standard_normal(s).astype(np.float32)) for s in shapes]
 
     def grads(impl, jit_compile):
-        layer = _layer(lw, return_state=True, implementation=impl)
+        layer = _layer(lw, cell=cell, return_state=True, implementation=impl)
 
         @tf.function(jit_compile=jit_compile)
-        def f(x, h0, c0):
+        def f(x, *s0):
             with tf.GradientTape() as tape:
-                tape.watch([x, h0, c0])
-                outs = layer(x, reset, initial_state=(h0, c0))
+                tape.watch([x, *s0])
+                outs = layer(x, reset, initial_state=s0)
                 loss = tf.add_n([tf.reduce_sum(o * p) for o, p in zip(outs, probes)])
-            return [loss] + tape.gradient(loss, [x, h0, c0] + [v.value for v in layer.trainable_weights])
-        return [g.numpy() for g in f(tf.constant(inputs), tf.constant(h0), tf.constant(c0))]
+            return [loss] + tape.gradient(loss, [x, *s0] + [v.value for v in layer.trainable_weights])
+        return [g.numpy() for g in f(tf.constant(inputs), *(tf.constant(s) for s in state0))]
 
     exp = grads("scan", False)
     got = grads("tf_bptt", jit)
-    for g, e, what in zip(got, exp, ("loss", "d inputs", "d h0", "d c0", "d kernel", "d recurrent", "d bias")):
-        assert_close(g, e, f"tf_bptt vs autodiff: {what}")
+    names = ("loss", "d inputs") + tuple(f"d {n}0" for n in LAYERS[cell].state_names) + (
+        "d kernel", "d recurrent", "d bias")
+    assert len(got) == len(exp) == len(names)
+    for g, e, what in zip(got, exp, names):
+        assert_close(g, e, f"{cell} tf_bptt vs autodiff: {what}")
 
 
-def test_stateful_two_calls_equal_one_call():
-    inputs, reset, lw, _, _ = _case(1, T=2 * T, resets=((0, 4), (1, T), (2, T + 3), (3, 2 * T - 1)))
-    whole = _layer(lw, B=B, stateful=True)
+@pytest.mark.parametrize("cell", CELLS)
+def test_stateful_two_calls_equal_one_call(cell):
+    inputs, reset, lw, _, _ = _case(1, cell, T=2 * T, resets=((0, 4), (1, T), (2, T + 3), (3, 2 * T - 1)))
+    whole = _layer(lw, B=B, cell=cell, stateful=True)
     full = _np(whole(inputs, reset))
-    h_full, c_full = _np(whole.state_h), _np(whole.state_c)
-    halves = _layer(lw, B=B, stateful=True)
+    halves = _layer(lw, B=B, cell=cell, stateful=True)
     parts = [_np(halves(inputs[:, s], reset[:, s])) for s in (slice(0, T), slice(T, 2 * T))]
     assert_close(np.concatenate(parts, axis=1), full, "two stateful calls vs one")
-    assert_close(_np(halves.state_h), h_full, "carried h")
-    assert_close(_np(halves.state_c), c_full, "carried c")
+    for got, exp, name in zip(_carried(halves), _carried(whole), halves.state_names):
+        assert np.abs(exp).max() > 0.01
+        assert_close(got, exp, f"carried {name}")
     halves.reset_state()
-    assert not _np(halves.state_h).any() and not _np(halves.state_c).any()
+    assert not any(s.any() for s in _carried(halves))
 
 
-def test_stateful_row_reset_at_first_position_ignores_only_that_row():
-    inputs, reset, lw, _, _ = _case(2, T=2 * T, resets=())
-    cont = _layer(lw, B=B, stateful=True)
+@pytest.mark.parametrize("cell", CELLS)
+def test_stateful_row_reset_at_first_position_ignores_only_that_row(cell):
+    inputs, reset, lw, _, _ = _case(2, cell, T=2 * T, resets=())
+    cont = _layer(lw, B=B, cell=cell, stateful=True)
     full = _np(cont(inputs, reset))                         # no resets: every row continues
-    layer = _layer(lw, B=B, stateful=True)
+    layer = _layer(lw, B=B, cell=cell, stateful=True)
     layer(inputs[:, :T], reset[:, :T])
     second = reset[:, T:].copy()
     second[1, 0] = True                                     # only row 1 starts over
     out = _np(layer(inputs[:, T:], second))
-    fresh = _np(_layer(lw)(inputs[1:2, T:]))                # row 1's window from a zero state
+    fresh = _np(_layer(lw, cell=cell)(inputs[1:2, T:]))     # row 1's window from a zero state
     assert_close(out[1], fresh[0], "reset row equals a fresh start")
     assert np.abs(out[1] - full[1, T:]).max() > 1e-3, "the reset row still saw its carried state"
     for row in (0, 2, 3):
         assert_close(out[row], full[row, T:], f"row {row} kept its state")
 
 
-def test_canonical_weights_roundtrip():
-    _, _, lw, _, _ = _case(3)
-    layer = _layer(lw, B=B, stateful=True)
+def _keras_layout(cell, lw):
+    """The expected Keras arrays of canonical layer weights, written out gate block by gate block:
+    the LSTM's are the same arrays; the GRU's kernels reorder r, z, n to z, r, n and its biases
+    stack as [b_x; b_h]."""
+    if cell == "lstm":
+        return [lw["w_x"], lw["w_h"], lw["b"]]
+    H = lw["w_h"].shape[0]
+
+    def zrn(a):
+        r, z, n = a[..., :H], a[..., H:2 * H], a[..., 2 * H:]
+        return np.concatenate([z, r, n], axis=-1)
+    return [zrn(lw["w_x"]), zrn(lw["w_h"]), np.stack([zrn(lw["b_x"]), zrn(lw["b_h"])])]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_canonical_weights_roundtrip(cell):
+    _, _, lw, _, _ = _case(3, cell)
+    layer = _layer(lw, B=B, cell=cell, stateful=True)
     got = layer.canonical()
+    assert sorted(got) == sorted(lw)
     for k in lw:
         assert got[k].dtype == np.float32
         np.testing.assert_array_equal(got[k], lw[k], err_msg=k)
-    kernel, recurrent, bias = layer.get_weights()[:3]       # Keras order: kernel, recurrent, bias
-    np.testing.assert_array_equal(kernel, lw["w_x"])
-    np.testing.assert_array_equal(recurrent, lw["w_h"])
-    np.testing.assert_array_equal(bias, lw["b"])
-    other = _layer({k: np.zeros_like(v) for k, v in lw.items()}, B=B, stateful=True)
-    other.set_weights([kernel, recurrent, bias])            # 3 arrays also on a stateful layer
+    keras_arrays = layer.get_weights()[:3]                  # Keras order: kernel, recurrent, bias
+    for a, e, name in zip(keras_arrays, _keras_layout(cell, lw), ("kernel", "recurrent_kernel", "bias")):
+        np.testing.assert_array_equal(a, e, err_msg=name)
+    other = _layer({k: np.zeros_like(v) for k, v in lw.items()}, B=B, cell=cell, stateful=True)
+    other.set_weights(keras_arrays)                         # 3 arrays also on a stateful layer
     for k in lw:
         np.testing.assert_array_equal(other.canonical()[k], lw[k], err_msg=k)
     with pytest.raises(ValueError, match="w_h"):
-        layer.set_canonical(lw["w_x"], lw["w_h"][:, :8], lw["b"])
+        layer.set_canonical(**{**lw, "w_h": lw["w_h"][:, :6]})
 
 
-def test_no_resets_equals_keras_lstm():
-    inputs, _, lw, state0, _ = _case(4, resets=())
-    H = lw["w_h"].shape[0]
-    lstm = keras.layers.LSTM(H, return_sequences=True, return_state=True)
-    lstm.build((None, T, inputs.shape[-1]))
-    lstm.set_weights([lw["w_x"], lw["w_h"], lw["b"]])
-    layer = ResetLSTM(H, return_state=True)
-    layer.build((None, T, inputs.shape[-1]))
-    layer.set_weights(lstm.get_weights())                   # the same layout: a direct copy
-    exp = [_np(t) for t in lstm(inputs, initial_state=list(state0))]
-    for resets in (None, np.zeros((B, T), bool)):
-        got = [_np(t) for t in layer(inputs, resets, initial_state=state0)]
-        for g, e, what in zip(got, exp, ("sequence", "h", "c")):
-            assert_close(g, e, f"vs keras.layers.LSTM: {what}")
+@pytest.mark.parametrize("cell", CELLS)
+def test_no_resets_equals_keras_layer_from_its_own_weights(cell):
+    """``set_weights(keras_layer.get_weights())`` as they are: keras.layers.LSTM / GRU
+    (reset_after=True) initialized by Keras (the biases made non-zero, so that a mix-up of bias
+    rows or gate blocks shows), equal outputs and final state without resets."""
+    inputs, _, lw, state0, _ = _case(4, cell, resets=())
+    H, F = lw["w_h"].shape[0], inputs.shape[-1]
+    theirs = KERAS_LAYERS[cell](H)
+    theirs.build((None, T, F))
+    bias = theirs.cell.bias
+    bias.assign(np.random.default_rng(5).normal(0.0, 0.5, bias.shape).astype(np.float32))
+    layer = LAYERS[cell](H, return_state=True)
+    layer.build((None, T, F))
+    layer.set_weights(theirs.get_weights())
+    exp = [_np(t) for t in theirs(inputs, initial_state=list(state0))]
+    calls = [(None, state0), (np.zeros((B, T), bool), state0)]
+    if cell == "gru":
+        calls.append((None, state0[0]))                     # a bare tensor, as keras.layers.GRU takes
+    for resets, initial in calls:
+        got = [_np(t) for t in layer(inputs, resets, initial_state=initial)]
+        assert len(got) == len(exp)
+        for g, e, what in zip(got, exp, ("sequence",) + layer.state_names):
+            assert_close(g, e, f"vs keras.layers.{type(theirs).__name__}: {what}")
     # and from a zero state
-    assert_close(_np(layer(inputs)[0]), _np(lstm(inputs)[0]), "vs keras.layers.LSTM from zero")
+    assert_close(_np(layer(inputs)[0]), _np(theirs(inputs)[0]), "from zero")
 
 
 # --------------------------------------------------------------------------- other Keras backends
@@ -261,9 +308,9 @@ def _backend(optimizer, spec=TINY, batch_size=B, seed=0, **kw):
 
 
 def _three_steps(be, orc, seed):
-    h0, c0 = random_state(seed, TINY, B)
-    be.set_state(h0, c0)
-    orc.set_state(h0, c0)
+    state = random_state(seed, be.spec, B)
+    be.set_state(*state)
+    orc.set_state(*state)
     for i, batch in enumerate(mid_reset_batches(seed + 1)):
         assert_close(float(be.train_step(batch)), orc.train_step(batch), f"loss step {i}")
     got, exp = be.get_weights(), orc.get_weights()
@@ -295,8 +342,10 @@ def test_adam_epsilon_is_pytorchs():
 @pytest.mark.parametrize("jit, loop, kernel", [(False, "auto", "keras.tf_function"),
                                                (True, "tf_while", "keras.xla.tf_while"),
                                                (False, "scan", "keras.tf_function.scan")])
-def test_non_default_compile_settings_match_oracle(jit, loop, kernel):
-    be, orc = _backend(OptimizerSpec("adam", lr=0.01, clip_norm=0.5), jit_compile=jit, loop=loop)
+@pytest.mark.parametrize("cell", CELLS)
+def test_non_default_compile_settings_match_oracle(cell, jit, loop, kernel):
+    spec = dataclasses.replace(TINY, cell=cell)
+    be, orc = _backend(OptimizerSpec("adam", lr=0.01, clip_norm=0.5), spec, jit_compile=jit, loop=loop)
     assert be.kernel == kernel
     _three_steps(be, orc, 22)
 

@@ -63,6 +63,8 @@ CASES = [
     ("keras.loop", ["backend=keras", "backend.loop=unroll"], "backend.loop='unroll': allowed: auto, tf_bptt"),
     ("keras.loop+native", ["backend=keras", "backend.kernel=native", "strategy=padded", "backend.loop=scan"],
      "backend.loop='scan': ResetLSTM's loop"),
+    ("keras.loop+native+gru", ["backend=keras", "backend.kernel=native", "strategy=padded", "backend.loop=scan",
+                               "model.cell=gru"], "backend.loop='scan': ResetGRU's loop; kernel=native runs keras.layers.GRU's"),
     ("keras.scan+xla", ["backend=keras", "backend.loop=scan", "backend.jit_compile=true"],
      "backend.jit_compile=True: XLA cannot compile loop=scan"),
     ("schema override", ["backend.schema.threads=int"], "backend.schema.threads='int': metadata of "
