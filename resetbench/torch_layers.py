@@ -6,7 +6,7 @@
   ``torch._VF.gru``, the ops behind ``nn.LSTM``/``nn.GRU``: oneDNN on a CPU, cuDNN on a GPU) made
   reset-aware by rewriting the window: one *zeroing* step before each mid-window reset and *hold*
   steps after each row's last token, driven by constant input columns whose +-1e6 weights
-  saturate gates exactly (:class:`FusedPlan`, the cells' ``flag_weights``). A window whose
+  saturate gates exactly (:class:`FusedPlan`, :meth:`TorchCell.flagged`). A window whose
   rewritten outputs are not finite runs through the loop (a zeroing step multiplies the old state
   by 0, which keeps a NaN).
 - ``loop`` kernel (:func:`layer_loop`): one time loop for every cell; before each step the rows
