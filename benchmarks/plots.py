@@ -540,6 +540,10 @@ def figure_specs(suffix: str = "") -> List[Tuple[str, Callable[[Mapping[str, pd.
     ]
 
 
+# the summary tables: name, and the suffix of the compare / peers experiments they summarize (the
+# LSTM's, the GRU's)
+SUMMARIES = (("summary", ""), ("summary_gru", "_gru"))
+
 # the fair study's experiments (the plans in conf/study/, run by benchmarks/study.py): a ranking
 # table and eval-loss curves each
 STUDIES = tuple(registry.study_experiments())
@@ -576,7 +580,7 @@ def build_all(tables: Mapping[str, pd.DataFrame], out: str, suffix: str = "",
         except Exception as exc:  # noqa: BLE001 - one bad figure must not stop the others
             plt.close("all")
             echo(f"  skipped {name}: {type(exc).__name__}: {exc}")
-    for cell, name in (("", "summary"), ("_gru", "summary_gru")):   # the LSTM's experiments, the GRU's
+    for name, cell in SUMMARIES:
         experiments = (f"compare{cell}{suffix}", f"peers{cell}{suffix}")
         table = summary_table(tables["runs"], tables.get("evals"), experiments)
         if not len(table):

@@ -102,8 +102,9 @@ def test_missing_experiment_is_a_note_not_a_crash(tables, tmp_path):
     assert {"throughput.png", "padding.png", "loss_vs_time.png", "summary.md"} <= names
     assert "gain_vs_padding.png" not in names and "loss_vs_window.png" not in names
     skipped = [n for n in notes if n.strip().startswith("skipped")]
-    # gain, lengths, window, the two study figures, window_chapters, the two study rankings
-    assert len(skipped) == 8, notes
+    # throughput_gru, summary_gru, gain, lengths, window, the three study figures, window_chapters,
+    # the three study rankings
+    assert len(skipped) == 12, notes
     with pytest.raises(plots.NoData):
         plots.plot_loss_vs_window(only_compare["runs"], str(tmp_path / "w.png"))
 
@@ -133,8 +134,8 @@ def test_cli_rebuilds_from_tables_and_survives_empty(tables, tmp_path):
     empty.mkdir()
     r = subprocess.run([sys.executable, "-m", "benchmarks.plots", "--tables", str(empty), "--out", str(tmp_path / "f2")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    # every figure, the summary table and the study rankings
-    expected = len(plots.figure_specs()) + 1 + len(plots.STUDIES)
+    # every figure, the summary tables and the study rankings
+    expected = len(plots.figure_specs()) + len(plots.SUMMARIES) + len(plots.STUDIES)
     assert r.returncode == 0 and r.stdout.count("skipped") == expected, r.stdout + r.stderr
 
 

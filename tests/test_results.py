@@ -30,7 +30,7 @@ RATE = {"torch": 10000.0, "jax": 14000.0, "keras": 12000.0}
 def fabricate_run(run_dir, *, experiment="compare", backend="torch", strategy="packed", seed=0,
                   window=64, sigma=None, data="kjv", steps=12, status="completed", rate=None,
                   pad=None, summary=True, hydra=True, eval_every=4, torn_last_line=False, lr=0.002,
-                  heldout=None, targets=(), unit=None):
+                  heldout=None, targets=(), unit=None, cell="lstm"):
     """One run directory as the harness writes it (summary.json with a nested config, steps.csv,
     evals.csv, .hydra/config.yaml). Returns the summary dict (None when ``summary`` is False)."""
     os.makedirs(run_dir, exist_ok=True)
@@ -44,7 +44,7 @@ def fabricate_run(run_dir, *, experiment="compare", backend="torch", strategy="p
               "strategy": {"name": strategy, **({"pad_multiple": 16} if strategy == "padded" else {})},
               "data": {"name": data, **({"length": length} if length else {}),
                        **({"heldout": heldout} if heldout else {}), **({"unit": unit} if unit else {})},
-              "model": {"embed": 4, "hidden": 8, "layers": 1, "init": None},
+              "model": {"embed": 4, "hidden": 8, "layers": 1, "init": None, "cell": cell},
               "train": {"batch_size": B, "window": window, "seed": seed, "steps": None, "max_valid_tokens": 1000},
               "eval": {"every_steps": eval_every, "targets": list(targets)}, "device": "auto",
               "experiment": experiment}
@@ -76,7 +76,7 @@ def fabricate_run(run_dir, *, experiment="compare", backend="torch", strategy="p
     if not summary:
         return None
     s = {"status": status, "backend": backend, "strategy": strategy, "data": data, "seed": seed,
-         "batch_size": B, "window": window, "hidden": 8, "kernel": f"{backend}.loop", "device": "cpu",
+         "batch_size": B, "window": window, "hidden": 8, "cell": cell, "kernel": f"{backend}.loop", "device": "cpu",
          "steps": steps, "valid_tokens": steps * valid, "total_slots": steps * slots,
          "pad_fraction": 1 - valid / slots, "valid_tokens_per_s": rate, "train_time_s": elapsed,
          "compile_time_s": 0.1, "train_loss_last": loss0 - 0.08 * steps,
@@ -103,8 +103,8 @@ def _sweep(root, name):
 
 
 def fabricate_study(root, backends=("torch", "jax", "keras"), seeds=(0, 1)):
-    """A results tree with the experiments (compare, waste, window, the studies and window_chapters),
-    all runs completed.
+    """A results tree with the experiments (compare, compare_gru, waste, window, the studies and
+    window_chapters), all runs completed.
     Returns the number of runs per experiment."""
     counts = {}
     sweep, n = _sweep(root, "compare"), 0
@@ -115,6 +115,13 @@ def fabricate_study(root, backends=("torch", "jax", "keras"), seeds=(0, 1)):
                               strategy=strategy, seed=seed)
                 n += 1
     counts["compare"] = n
+    sweep, n = _sweep(root, "compare_gru"), 0
+    for strategy in ("padded", "packed"):
+        for seed in seeds:
+            fabricate_run(os.path.join(sweep, f"{n}_torch_{strategy}_kjv_s{seed}"), experiment="compare_gru",
+                          strategy=strategy, seed=seed, cell="gru")
+            n += 1
+    counts["compare_gru"] = n
     sweep, n = _sweep(root, "waste"), 0
     for strategy in ("padded", "reset_all", "packed"):
         for sigma, pad in ((0.05, 0.2), (0.3, 0.45), (0.7, 0.7), (1.5, 0.85)):
@@ -128,14 +135,15 @@ def fabricate_study(root, backends=("torch", "jax", "keras"), seeds=(0, 1)):
         fabricate_run(os.path.join(sweep, f"{n}_torch_packed_T{window}_s0"), experiment="window", window=window)
         n += 1
     counts["window"] = n
-    for study, units in (("study_verses", backends), ("study_chapters", ("torch",))):
+    for study, units in (("study_verses", backends), ("study_chapters", ("torch",)), ("study_verses_gru", ("torch",))):
         sweep, n = _sweep(root, study), 0
         for backend in units:
             for strategy in ("padded", "packed"):
                 for seed in seeds:
                     fabricate_run(os.path.join(sweep, f"{n}_{backend}_{strategy}_s{seed}"), experiment=study,
                                   backend=backend, strategy=strategy, seed=seed, heldout="eval",
-                                  targets=(5.0, 4.9), unit="chapter" if study == "study_chapters" else None)
+                                  targets=(5.0, 4.9), unit="chapter" if study == "study_chapters" else None,
+                                  cell="gru" if study.endswith("_gru") else "lstm")
                     n += 1
         counts[study] = n
     sweep, n = _sweep(root, "window_chapters"), 0
