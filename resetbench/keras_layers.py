@@ -407,6 +407,15 @@ class ResetRNN(keras.layers.Layer):
     def _build_weights(self, features: int) -> None:
         raise NotImplementedError
 
+    def _add_kernels(self, features: int, gates: int) -> None:
+        """``kernel`` [features, gates*H] and ``recurrent_kernel`` [H, gates*H], Keras's names and
+        initializers."""
+        H = self.units
+        self.kernel = self.add_weight(shape=(features, gates * H), initializer=self.kernel_initializer,
+                                      name="kernel")
+        self.recurrent_kernel = self.add_weight(shape=(H, gates * H), initializer=self.recurrent_initializer,
+                                                name="recurrent_kernel")
+
     def _rnn_weights(self):
         return (self.kernel, self.recurrent_kernel, self.bias)
 
@@ -538,10 +547,7 @@ class ResetLSTM(ResetRNN):
 
     def _build_weights(self, features: int) -> None:
         H = self.units
-        self.kernel = self.add_weight(shape=(features, 4 * H), initializer=self.kernel_initializer,
-                                      name="kernel")
-        self.recurrent_kernel = self.add_weight(shape=(H, 4 * H), initializer=self.recurrent_initializer,
-                                                name="recurrent_kernel")
+        self._add_kernels(features, 4)
         if self.unit_forget_bias:
             base = self.bias_initializer
 
@@ -604,10 +610,7 @@ class ResetGRU(ResetRNN):
 
     def _build_weights(self, features: int) -> None:
         H = self.units
-        self.kernel = self.add_weight(shape=(features, 3 * H), initializer=self.kernel_initializer,
-                                      name="kernel")
-        self.recurrent_kernel = self.add_weight(shape=(H, 3 * H), initializer=self.recurrent_initializer,
-                                                name="recurrent_kernel")
+        self._add_kernels(features, 3)
         self.bias = self.add_weight(shape=(2, 3 * H), initializer=self.bias_initializer, name="bias")
 
     @staticmethod

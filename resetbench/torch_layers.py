@@ -365,6 +365,24 @@ class _ResetRNN(torch.nn.Module):
     def zero_state(self, batch: int, like: torch.Tensor):
         raise NotImplementedError
 
+    @staticmethod
+    def _copy_biases(p: Dict[str, torch.Tensor], bias_ih: torch.Tensor, bias_hh: torch.Tensor) -> None:
+        """Layer ``p``'s canonical biases from the torch module's ``bias_ih``, ``bias_hh``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_torch(cls, rnn: torch.nn.RNNBase, kernel: str = "fused"):
+        """The same weights as ``rnn`` (an ``nn.LSTM`` for :class:`ResetLSTM`, an ``nn.GRU`` for
+        :class:`ResetGRU`; with biases, one direction)."""
+        layer = cls(rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.batch_first, kernel)
+        with torch.no_grad():
+            for l in range(rnn.num_layers):
+                p = layer.layer(l)
+                p["w_x"].copy_(getattr(rnn, f"weight_ih_l{l}").t())
+                p["w_h"].copy_(getattr(rnn, f"weight_hh_l{l}").t())
+                cls._copy_biases(p, getattr(rnn, f"bias_ih_l{l}"), getattr(rnn, f"bias_hh_l{l}"))
+        return layer
+
 
 class ResetLSTM(_ResetRNN):
     """``nn.LSTM``'s shape and initialization, with per-row, per-step state resets.
@@ -381,17 +399,9 @@ class ResetLSTM(_ResetRNN):
         z = like.new_zeros(self.num_layers, batch, self.hidden_size)
         return (z, z)
 
-    @classmethod
-    def from_torch(cls, lstm: torch.nn.LSTM, kernel: str = "fused") -> "ResetLSTM":
-        """The same weights as ``lstm`` (an ``nn.LSTM`` with biases, one direction)."""
-        layer = cls(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.batch_first, kernel)
-        with torch.no_grad():
-            for l in range(lstm.num_layers):
-                p = layer.layer(l)
-                p["w_x"].copy_(getattr(lstm, f"weight_ih_l{l}").t())
-                p["w_h"].copy_(getattr(lstm, f"weight_hh_l{l}").t())
-                p["b"].copy_(getattr(lstm, f"bias_ih_l{l}") + getattr(lstm, f"bias_hh_l{l}"))
-        return layer
+    @staticmethod
+    def _copy_biases(p: Dict[str, torch.Tensor], bias_ih: torch.Tensor, bias_hh: torch.Tensor) -> None:
+        p["b"].copy_(bias_ih + bias_hh)
 
 
 class ResetGRU(_ResetRNN):
@@ -407,15 +417,7 @@ class ResetGRU(_ResetRNN):
     def zero_state(self, batch: int, like: torch.Tensor):
         return like.new_zeros(self.num_layers, batch, self.hidden_size)
 
-    @classmethod
-    def from_torch(cls, gru: torch.nn.GRU, kernel: str = "fused") -> "ResetGRU":
-        """The same weights as ``gru`` (an ``nn.GRU`` with biases, one direction)."""
-        layer = cls(gru.input_size, gru.hidden_size, gru.num_layers, gru.batch_first, kernel)
-        with torch.no_grad():
-            for l in range(gru.num_layers):
-                p = layer.layer(l)
-                p["w_x"].copy_(getattr(gru, f"weight_ih_l{l}").t())
-                p["w_h"].copy_(getattr(gru, f"weight_hh_l{l}").t())
-                p["b_x"].copy_(getattr(gru, f"bias_ih_l{l}"))
-                p["b_h"].copy_(getattr(gru, f"bias_hh_l{l}"))
-        return layer
+    @staticmethod
+    def _copy_biases(p: Dict[str, torch.Tensor], bias_ih: torch.Tensor, bias_hh: torch.Tensor) -> None:
+        p["b_x"].copy_(bias_ih)
+        p["b_h"].copy_(bias_hh)

@@ -72,6 +72,22 @@ def pytest_ignore_collect(collection_path, config):
     return True if group != wanted else None
 
 
+class _OtherProcess(pytest.File):
+    """A test module of a framework this process does not run: collected as empty, never imported
+    (pytest does not consult ``pytest_ignore_collect`` for files named on the command line)."""
+
+    def collect(self):
+        return []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makemodule(module_path, parent):
+    """Files named on the command line: the same rule as :func:`pytest_ignore_collect`."""
+    if pytest_ignore_collect(module_path, parent.config):
+        return _OtherProcess.from_parent(parent, path=module_path)
+    return None
+
+
 def item_group(item) -> str:
     """The framework group of a collected test (``none`` if it imports no framework)."""
     marker = item.get_closest_marker("framework")
