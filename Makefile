@@ -50,7 +50,8 @@ study: $(STAMP)
 sweeps: $(STAMP)
 	for e in compare peers compare_gru peers_gru waste window; do $(PY) run.py -m +experiment=$$e || exit $$?; done
 
-# kernel benchmark: every backend's kernels vs its native no-reset LSTM, matmul peaks
+# kernel benchmark: every backend's kernels vs its native no-reset layer, matmul peaks
+# (ARGS="--cells lstm,gru" adds the GRU rows)
 # (results/tables/kernels.csv, matmul.csv, results/figures/kernels.png; ~15 min on 2 CPU cores)
 kernels: $(STAMP)
 	$(PY) -m benchmarks.kernels $(ARGS)
