@@ -20,11 +20,13 @@ import numpy as np
 import pytest
 
 from backends.base import Batch, ModelSpec, OptimizerSpec
+from benchmarks import registry
 from tests.helpers import (REQUIRE_ALL, assert_close, mid_reset_batches, oracle, random_batch, random_state,
                            tiny_weights)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CELLS = ("lstm", "gru")
+# every cell the keras reset kernel declares (conf/backend/keras.yaml)
+CELLS = tuple(registry.kernel_decls(registry.backend_configs()["keras"])["reset"].cells)
 SPEC = ModelSpec(embed=8, hidden=16, layers=1)
 SGD = OptimizerSpec("sgd", lr=0.5)
 LOOPS = {"tensorflow": ("tf_bptt", "tf_while", "scan", "unroll"), "jax": ("scan", "unroll"),

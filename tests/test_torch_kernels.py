@@ -11,13 +11,15 @@ import pytest
 pytest.importorskip("torch")
 
 from backends.base import Batch, ModelSpec, OptimizerSpec  # noqa: E402
+from benchmarks import registry  # noqa: E402
 from tests.helpers import check_parity, make_backend, mid_reset_batches, random_state, tiny_weights  # noqa: E402
 
 SPEC = ModelSpec(embed=6, hidden=8, layers=2)
 SGD = OptimizerSpec("sgd", lr=0.5)
 
 
-CELLS = ("lstm", "gru")
+# every cell the compile kernel declares (conf/backend/torch.yaml)
+CELLS = tuple(registry.kernel_decls(registry.backend_configs()["torch"])["compile"].cells)
 
 
 @pytest.mark.parametrize("cell", CELLS)
