@@ -5,10 +5,17 @@ Parameters are kept in canonical layout, so import and export are copies; the la
 Kernels (``backend.kernel``, recorded as ``kernel`` in ``summary.json``):
 
 - ``fused`` (default): the framework's fused kernel (``torch._VF.lstm`` / ``torch._VF.gru``, the
-  ops behind ``nn.LSTM``/``nn.GRU``: oneDNN on the CPU, cuDNN on a GPU) on the window rewritten
-  with zeroing and hold steps driven by saturating flag columns. A window with ``K`` resets in its
-  busiest row costs ``T + K`` steps; a window without mid-window resets is one plain fused call;
-  a window whose rewritten outputs are not finite runs again through ``loop``.
+  ops behind ``nn.LSTM``/``nn.GRU``: oneDNN for the LSTM on the CPU, cuDNN on a GPU) on the window
+  cut into calls and rewritten with zeroing and hold steps driven by saturating flag columns (a
+  call whose busiest row has ``K`` resets past its first column costs ``K`` extra steps); a
+  window without mid-window resets is one plain fused call; a window whose rewritten outputs are
+  not finite runs again through ``loop``. Where PyTorch has no fused op for the cell (the GRU on
+  a CPU) it runs ``bptt`` instead, recorded as ``kernel`` ``torch.fused.bptt``.
+- ``rewrite``: the rewrite of ``fused`` whatever the device (for the GRU on a CPU, through ATen's
+  step-by-step GRU: slower than ``bptt``, kept so it is measured and tested there).
+- ``bptt``: a time loop with a hand-written backward pass (:mod:`resetbench.torch_bptt`), one
+  autograd node per layer and window; the reset is a select, so the cost does not depend on the
+  reset density.
 - ``loop``: one time loop for every cell (``layer_loop``): before each step the rows that reset
   get the zero state (``torch.where``), then the cell's step (input projection hoisted).
 - ``compile``: the loop under ``torch.compile``, one graph per window shape, built in
@@ -30,11 +37,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from resetbench.torch_layers import CELLS, layer_loop, layers_fused, layers_loop, layers_packed
+from resetbench.torch_bptt import layers_bptt
+from resetbench.torch_layers import (CELLS, fused_implementation, layer_loop, layers_fused, layers_loop, layers_packed,
+                                    layers_rewrite)
 from backends.base import Backend, Batch, ConfigError, ModelSpec, OptimizerSpec, row_lengths
 
 # the kernels this adapter implements (backend.kernel) -> the name recorded as ``kernel``
-KERNEL_NAMES = {"fused": "torch.fused", "loop": "torch.loop", "compile": "torch.compile",
+KERNEL_NAMES = {"fused": "torch.fused", "rewrite": "torch.rewrite", "bptt": "torch.bptt", "loop": "torch.loop",
+                "compile": "torch.compile",
                 "native": "torch.native.nn_{CELL}", "peer": "torch.peer.pack_padded_sequence"}
 _COMPILED: Dict[str, Any] = {}
 
@@ -74,7 +84,10 @@ class TorchBackend(Backend):
             torch.set_num_threads(int(threads))
         self.dev = resolve_device(device)
         self.device = self.dev.type
-        self.kernel = KERNEL_NAMES[kernel].replace("{CELL}", spec.cell.upper())
+        kernel_name = KERNEL_NAMES[kernel]
+        if kernel == "fused" and fused_implementation(spec.cell, self.dev) == "bptt":
+            kernel_name = "torch.fused.bptt"               # no fused op for this cell here: bptt runs
+        self.kernel = kernel_name.replace("{CELL}", spec.cell.upper())
         self._compiled = "compile" in (self.kernel_option, self.eval_kernel)
         self._loop = _compiled_loop(spec.cell) if self._compiled else None    # None: the eager loop
         self.p = {k: torch.nn.Parameter(torch.tensor(np.asarray(v, np.float32), device=self.dev))
@@ -107,14 +120,18 @@ class TorchBackend(Backend):
 
     def _layers(self, inp: torch.Tensor, batch: Batch, kernel: str):
         """All layers from the carried state with ``kernel``: outputs and the final state.
-        ``native`` is the fused kernel on windows whose only resets are at column 0 (checked by
-        :meth:`check_batch`), where it is one plain fused call."""
+        ``native`` is nn.LSTM's / nn.GRU's own op (:func:`layers_rewrite` on windows whose only resets
+        are at column 0, checked by :meth:`check_batch`: one plain call)."""
         cell, layers = self.spec.cell, self._layer_weights()
         if kernel in ("loop", "compile"):
             return layers_loop(cell, inp, torch.from_numpy(batch.reset).to(self.dev), self.state, layers,
                                self._loop if kernel == "compile" else None)
         if kernel == "peer":
             return layers_packed(cell, inp, row_lengths(batch), self.state, layers)
+        if kernel == "bptt":
+            return layers_bptt(cell, inp, torch.from_numpy(batch.reset).to(self.dev), self.state, layers)
+        if kernel in ("rewrite", "native"):              # native: nn.LSTM's / nn.GRU's own op, whatever the device
+            return layers_rewrite(cell, inp, batch.reset, self.state, layers)
         return layers_fused(cell, inp, batch.reset, self.state, layers)
 
     def _logits(self, x: torch.Tensor, batch: Batch, kernel: Optional[str] = None) -> torch.Tensor:

@@ -2,13 +2,19 @@
 
 - :class:`ResetLSTM`, :class:`ResetGRU`: ``nn.Module`` layers shaped like ``nn.LSTM``/``nn.GRU``
   (``num_layers``, ``batch_first``, state tensors ``[L, B, H]``), called with a ``reset`` mask.
-- ``fused`` kernel (:func:`layers_fused`): PyTorch's own fused kernel (``torch._VF.lstm`` /
-  ``torch._VF.gru``, the ops behind ``nn.LSTM``/``nn.GRU``: oneDNN on a CPU, cuDNN on a GPU) made
-  reset-aware by rewriting the window: one *zeroing* step before each mid-window reset and *hold*
-  steps after each row's last token, driven by constant input columns whose +-1e6 weights
-  saturate gates exactly (:class:`FusedPlan`, :meth:`TorchCell.flagged`). A window whose
-  rewritten outputs are not finite runs through the loop (a zeroing step multiplies the old state
-  by 0, which keeps a NaN).
+- ``fused`` kernel (:func:`layers_fused`): where PyTorch has a fused op for the cell and device
+  (the LSTM: oneDNN on a CPU, cuDNN on a GPU; the GRU: cuDNN), that op (``torch._VF.lstm`` /
+  ``torch._VF.gru``, behind ``nn.LSTM``/``nn.GRU``) made reset-aware by rewriting the window
+  (:func:`layers_rewrite`): the window is cut in time into calls (:func:`time_chunks`: a reset at a
+  call's first column is a select on the state between calls), and inside a call one *zeroing*
+  step precedes each other reset and *hold* steps follow each row's last token, driven by
+  constant input columns whose +-1e6 weights saturate gates exactly (:class:`FusedPlan`,
+  :meth:`TorchCell.flagged`). A window whose rewritten outputs are not finite runs through the
+  loop (a zeroing step multiplies the old state by 0, which keeps a NaN). Elsewhere (the GRU on a
+  CPU) the ``bptt`` loop of :mod:`resetbench.torch_bptt`.
+- ``bptt`` kernel (:func:`resetbench.torch_bptt.layers_bptt`): a time loop with a hand-written
+  backward pass, one autograd node per layer and window; its cost does not depend on the reset
+  density.
 - ``loop`` kernel (:func:`layer_loop`): one time loop for every cell; before each step the rows
   that reset get the zero state (``torch.where``: a select, so NaN and inf are cleared too), then
   the cell's step (:func:`lstm_cell`, :func:`gru_cell`).
@@ -114,6 +120,7 @@ class TorchCell:
     input_bias: str
     recurrent: Tuple[str, ...]
     gates: int
+    call_cost: float     # a fused call's fixed cost in time steps (measured on a CPU; see time_chunks)
 
     def project(self, inp: torch.Tensor, p: Layer) -> torch.Tensor:
         return torch.matmul(inp, p["w_x"]) + p[self.input_bias]
@@ -170,15 +177,9 @@ class TorchCell:
 
 
 CELLS: Dict[str, TorchCell] = {
-    "lstm": TorchCell("lstm", lstm_cell, "b", ("w_h",), 4),
-    "gru": TorchCell("gru", gru_cell, "b_x", ("w_h", "b_h"), 3),
+    "lstm": TorchCell("lstm", lstm_cell, "b", ("w_h",), 4, 3.0),
+    "gru": TorchCell("gru", gru_cell, "b_x", ("w_h", "b_h"), 3, 0.25),
 }
-
-
-def _reset0(reset: np.ndarray, state: State, like: torch.Tensor) -> State:
-    """Column-0 resets as a zero initial state (a select: clears NaN too)."""
-    r0 = torch.from_numpy(reset[:, 0]).to(like.device)[None, :, None]
-    return tuple(torch.where(r0, like.new_zeros(()), s) for s in state)
 
 
 def layers_loop(cell: str, inp: torch.Tensor, reset: torch.Tensor, state: State, layers: Sequence[Layer],
@@ -196,19 +197,64 @@ def layers_loop(cell: str, inp: torch.Tensor, reset: torch.Tensor, state: State,
     return inp, tuple(torch.stack(parts) for parts in zip(*finals))
 
 
-def _layers_fused(cell: str, inp: torch.Tensor, reset: np.ndarray, state: State, layers: Sequence[Layer]):
-    """Every layer through the fused op for one group of rows (see the module docstring)."""
-    c = CELLS[cell]
-    state = _reset0(reset, state, inp)
-    plan = FusedPlan(reset)
-    if plan.K == 0:                                      # no mid-window reset: one plain fused call
-        return c.vf(inp, state, [q for p in layers for q in c.vf_params(p)], len(layers))
-    out, final = _fused_rewritten(c, inp, plan, state, layers)
-    if not (bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(s).all()) for s in final)):
-        # a zeroing step multiplies the old state by 0, which keeps a NaN or inf: run the window
-        # through the loop kernel, whose reset selects the zero state
-        return layers_loop(cell, inp, torch.from_numpy(reset).to(inp.device), state, layers)
-    return out, final
+MAX_STEPS = 64   # most rewritten steps per fused call: oneDNN's LSTM slows ~1.5x per step past ~65 steps at B=32 H=256
+
+
+def time_chunks(reset: np.ndarray, call_cost: float, max_steps: int = MAX_STEPS) -> List[Tuple[int, int]]:
+    """Cut a window's columns into chunks ``[s, e)``, one fused call each, at least cost.
+
+    A reset in a chunk's first column is free (the state between calls is replaced by zeros with
+    a select); every other reset costs a zeroing step in its row, and each row of the chunk pays
+    for its busiest row: ``e - s + K(s, e)`` steps, ``K`` the most resets of a row in columns
+    ``s+1 .. e-1``. A call costs ``call_cost`` steps more (its fixed overhead: ~4 steps for
+    oneDNN's LSTM at B=32 H=256, ~1.4 at B=64 H=512, ~0 for ATen's GRU on a CPU). Chunks hold at
+    most ``max_steps`` rewritten steps (one column always fits). Exact dynamic programming over
+    cut columns, O(B T^2) on the host."""
+    B, T = reset.shape
+    cs = np.zeros((B, T + 1), np.int32)
+    np.cumsum(reset, axis=1, out=cs[:, 1:])
+    # K[s, e] = max_b (resets of row b in columns s+1 .. e-1) = max_b cs[b, e] - cs[b, min(s+1, e)]
+    lo = cs[:, np.minimum(np.arange(T)[:, None] + 1, np.arange(T + 1)[None, :])]     # [B, T, T+1]
+    K = (cs[:, None, :] - lo).max(axis=0) if B else np.zeros((T, T + 1), np.int32)
+    length = np.arange(T + 1)[None, :] - np.arange(T)[:, None]                          # e - s
+    steps = length + K
+    cost = np.where((length >= 1) & ((steps <= max_steps) | (length == 1)), call_cost + steps, np.inf)
+    best = np.zeros(T + 1)
+    prev = np.zeros(T + 1, np.int64)
+    for e in range(1, T + 1):
+        total = best[:e] + cost[:e, e]
+        prev[e] = int(np.argmin(total))
+        best[e] = total[prev[e]]
+    cuts = [T]
+    while cuts[-1] > 0:
+        cuts.append(int(prev[cuts[-1]]))
+    cuts.reverse()
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _zero_rows(rows: np.ndarray, state: State, like: torch.Tensor) -> State:
+    """The state with rows ``rows`` [B] bool replaced by zeros (a select: clears NaN too, cuts
+    the gradient)."""
+    r = torch.from_numpy(rows).to(like.device)[None, :, None]
+    return tuple(torch.where(r, like.new_zeros(()), s) for s in state)
+
+
+def _layers_fused(c: TorchCell, inp: torch.Tensor, reset: np.ndarray, state: State, layers: Sequence[Layer],
+                  call_cost: float, max_steps: int):
+    """Every layer through the fused op for one group of rows, chunk by chunk of
+    :func:`time_chunks`: the resets at a chunk's first column select the zero state between
+    calls, the others are rewritten into the chunk (:class:`FusedPlan`)."""
+    outs = []
+    params = [q for p in layers for q in c.vf_params(p)]
+    for s, e in time_chunks(reset, call_cost, max_steps):
+        state = _zero_rows(reset[:, s], state, inp)
+        plan = FusedPlan(reset[:, s:e])
+        if plan.K == 0:                                  # no reset inside the chunk: one plain call
+            out, state = c.vf(inp[:, s:e], state, params, len(layers))
+        else:
+            out, state = _fused_rewritten(c, inp[:, s:e], plan, state, layers)
+        outs.append(out)
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), state
 
 
 def _fused_rewritten(c: TorchCell, inp: torch.Tensor, plan: FusedPlan, state: State, layers: Sequence[Layer]):
@@ -252,24 +298,60 @@ def row_groups(reset: np.ndarray, min_saving: float = 0.05) -> List[np.ndarray]:
     return [np.sort(order[:cut]), np.sort(order[cut:])]
 
 
+def layers_rewrite(cell: str, inp: torch.Tensor, reset: np.ndarray, state: State, layers: Sequence[Layer],
+              call_cost: Optional[float] = None, max_steps: int = MAX_STEPS, groups: bool = True):
+    """The ``rewrite`` kernel (what ``fused`` runs where a fused op exists): every layer over a window with per-row, per-step
+    resets through the framework's recurrent op (``_VF``), rows split into the groups of :func:`row_groups` (rows are independent)
+    and time into the chunks of :func:`time_chunks`. ``inp`` [B, T, in]; ``reset`` [B, T] bool
+    (NumPy: the rewrite is planned on the host); ``state`` one [L, B, H] tensor per state
+    component; ``call_cost`` (steps; default the cell's) and ``max_steps`` tune the plan, which
+    never changes the result. A window whose outputs are not finite runs through the loop (a
+    zeroing step multiplies the old state by 0, which keeps a NaN or inf). Returns the outputs
+    and the final state."""
+    c = CELLS[cell]
+    cost = c.call_cost if call_cost is None else float(call_cost)
+    rows = row_groups(reset) if groups else [np.arange(reset.shape[0])]
+    if len(rows) == 1:
+        out, final = _layers_fused(c, inp, reset, state, layers, cost, max_steps)
+    else:
+        outs, finals = [], []
+        for g in rows:
+            idx = torch.from_numpy(g).to(inp.device)
+            o, f = _layers_fused(c, inp.index_select(0, idx), reset[g], tuple(s.index_select(1, idx) for s in state),
+                                 layers, cost, max_steps)
+            outs.append(o)
+            finals.append(f)
+        inv = torch.from_numpy(np.argsort(np.concatenate(rows))).to(inp.device)
+        out = torch.cat(outs).index_select(0, inv)
+        final = tuple(torch.cat(parts, 1).index_select(1, inv) for parts in zip(*finals))
+    if not (bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(s).all()) for s in final)):
+        return layers_loop(cell, inp, torch.from_numpy(reset).to(inp.device), state, layers)
+    return out, final
+
+
+def has_fused_op(cell: str, device: torch.device) -> bool:
+    """Whether PyTorch runs ``cell`` as one fused op on ``device``: the LSTM on a CPU (oneDNN)
+    and on CUDA (cuDNN), the GRU on CUDA only (on a CPU nn.GRU runs ATen's step-by-step cell)."""
+    if device.type == "cuda":
+        return bool(torch.backends.cudnn.is_available())
+    return cell == "lstm" and device.type == "cpu" and bool(torch.backends.mkldnn.is_available())
+
+
+def fused_implementation(cell: str, device: torch.device) -> str:
+    """What the ``fused`` kernel runs for ``cell`` on ``device``: ``rewrite`` (through the fused
+    op, :func:`layers_rewrite`) or ``bptt`` (:func:`resetbench.torch_bptt.layers_bptt`)."""
+    return "rewrite" if has_fused_op(cell, device) else "bptt"
+
+
 def layers_fused(cell: str, inp: torch.Tensor, reset: np.ndarray, state: State, layers: Sequence[Layer]):
-    """The ``fused`` kernel: every layer over a window with per-row, per-step resets through the
-    framework's fused op, rows split into the groups of :func:`row_groups` (rows are independent).
-    ``inp`` [B, T, in]; ``reset`` [B, T] bool (NumPy: the rewrite is planned on the host);
-    ``state`` one [L, B, H] tensor per state component. Returns the outputs and the final state."""
-    groups = row_groups(reset)
-    if len(groups) == 1:
-        return _layers_fused(cell, inp, reset, state, layers)
-    outs, finals = [], []
-    for rows in groups:
-        idx = torch.from_numpy(rows).to(inp.device)
-        o, f = _layers_fused(cell, inp.index_select(0, idx), reset[rows], tuple(s.index_select(1, idx) for s in state),
-                             layers)
-        outs.append(o)
-        finals.append(f)
-    inv = torch.from_numpy(np.argsort(np.concatenate(groups))).to(inp.device)
-    return (torch.cat(outs).index_select(0, inv),
-            tuple(torch.cat(parts, 1).index_select(1, inv) for parts in zip(*finals)))
+    """The ``fused`` kernel: the rewrite through the framework's fused op (:func:`layers_rewrite`)
+    where PyTorch has one for the cell and device, else the hand-written BPTT loop (GRU on a
+    CPU, where the loop measures faster than ATen's step-by-step GRU at every reset density).
+    ``reset`` [B, T] bool NumPy array; ``state`` one [L, B, H] tensor per state component."""
+    if fused_implementation(cell, inp.device) == "rewrite":
+        return layers_rewrite(cell, inp, reset, state, layers)
+    from resetbench.torch_bptt import layers_bptt
+    return layers_bptt(cell, inp, torch.from_numpy(np.ascontiguousarray(reset)).to(inp.device), state, layers)
 
 
 def layers_packed(cell: str, inp: torch.Tensor, lengths: np.ndarray, state: State, layers: Sequence[Layer]):
@@ -299,8 +381,8 @@ class _ResetRNN(torch.nn.Module):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, batch_first: bool = False,
                  kernel: str = "fused"):
         super().__init__()
-        if kernel not in ("fused", "loop"):
-            raise ValueError(f"{type(self).__name__} kernel={kernel!r}: allowed fused, loop")
+        if kernel not in ("fused", "rewrite", "bptt", "loop"):
+            raise ValueError(f"{type(self).__name__} kernel={kernel!r}: allowed fused, rewrite, bptt, loop")
         if num_layers < 1:
             raise ValueError(f"{type(self).__name__} num_layers={num_layers!r}: must be at least 1")
         self.input_size, self.hidden_size, self.num_layers = int(input_size), int(hidden_size), int(num_layers)
@@ -357,6 +439,11 @@ class _ResetRNN(torch.nn.Module):
         layers = [self.layer(l) for l in range(self.num_layers)]
         if self.kernel == "fused":          # the rewrite is planned on the host: reset goes to NumPy
             out, final = layers_fused(self.cell, x, reset.detach().bool().cpu().numpy(), state, layers)
+        elif self.kernel == "rewrite":
+            out, final = layers_rewrite(self.cell, x, reset.detach().bool().cpu().numpy(), state, layers)
+        elif self.kernel == "bptt":
+            from resetbench.torch_bptt import layers_bptt
+            out, final = layers_bptt(self.cell, x, reset.bool(), state, layers)
         else:
             out, final = layers_loop(self.cell, x, reset.bool(), state, layers)
         out = out if self.batch_first else out.transpose(0, 1)

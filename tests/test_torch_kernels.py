@@ -80,3 +80,104 @@ def test_row_groups_split_off_busy_rows_only_when_it_pays():
     few = np.zeros((8, 32), bool)
     few[0, 4] = True                                                           # saves < 5% of slots
     assert len(row_groups(few)) == 1
+
+
+def _float64_layers(cell: str, B: int, E: int, H: int, L: int, seed: int):
+    import torch
+    from resetbench.torch_layers import CELLS
+    g = torch.Generator().manual_seed(seed)
+    G = CELLS[cell].gates * H
+    layers = []
+    for layer in range(L):
+        shapes = {"w_x": (E if layer == 0 else H, G), "w_h": (H, G)}
+        shapes.update({"b": (G,)} if cell == "lstm" else {"b_x": (G,), "b_h": (G,)})
+        layers.append({k: (torch.randn(*s, generator=g, dtype=torch.float64) * 0.4).requires_grad_()
+                       for k, s in shapes.items()})
+    state = tuple((torch.randn(L, B, H, generator=g, dtype=torch.float64) * 2).requires_grad_()
+                  for _ in range(2 if cell == "lstm" else 1))
+    return layers, state
+
+
+def _outputs_and_gradients(fn, x, state, layers, seed):
+    import torch
+    out, final = fn()
+    g = torch.Generator().manual_seed(seed)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+    loss = loss + sum((f * torch.randn(f.shape, generator=g, dtype=f.dtype)).sum() for f in final)
+    params = [x, *state] + [p for layer in layers for p in layer.values()]
+    return [out, *final] + list(torch.autograd.grad(loss, params))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("plan", ["cut_everywhere", "default", "never_cut", "short_calls", "one_group"])
+def test_rewrite_and_bptt_match_the_loop_for_every_plan(cell, plan):
+    """The rewrite (``fused`` where a fused op exists) and ``bptt`` against the loop kernel in
+    float64 (outputs, final state, every gradient incl. the carried state's), on windows with
+    resets at column 0, adjacent, in the last column, at every step, and densities up to 0.7,
+    two layers; each plan of time chunks and row groups is exercised (the plan must never change
+    the result), so a wrong chunk boundary or hold step fails."""
+    import torch
+    from resetbench.torch_bptt import layers_bptt
+    from resetbench.torch_layers import layers_loop, layers_rewrite, time_chunks
+    options = {"cut_everywhere": dict(call_cost=0.0), "default": {}, "never_cut": dict(call_cost=1e9),
+               "short_calls": dict(max_steps=3), "one_group": dict(groups=False)}[plan]
+    B, T, E, H = 6, 17, 5, 4
+    layers, state = _float64_layers(cell, B, E, H, 2, seed=50)
+    rng = np.random.default_rng(51)
+    windows = [rng.random((B, T)) < d for d in (0.05, 0.3, 0.7)]
+    edge = np.zeros((B, T), bool)
+    edge[0, [2, 3]] = True
+    edge[1, T - 1] = True
+    edge[2, :] = True
+    edge[3, [0, 1]] = True
+    windows.append(edge)
+    chunked = plan not in ("cut_everywhere", "short_calls")
+    for reset in windows:
+        x = torch.from_numpy(rng.standard_normal((B, T, E))).requires_grad_()
+        if plan in ("cut_everywhere", "short_calls"):
+            chunked |= len(time_chunks(reset, options.get("call_cost", 3.0), options.get("max_steps", 64))) > 1
+        want = _outputs_and_gradients(lambda: layers_loop(cell, x, torch.from_numpy(reset), state, layers),
+                                      x, state, layers, 52)
+        for name, fn in (("rewrite", lambda: layers_rewrite(cell, x, reset, state, layers, **options)),
+                         ("bptt", lambda: layers_bptt(cell, x, torch.from_numpy(reset), state, layers))):
+            got = _outputs_and_gradients(fn, x, state, layers, 52)
+            for k, (a, b) in enumerate(zip(got, want)):
+                np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-9, atol=1e-11,
+                                           err_msg=f"{name} {plan}: tensor {k}")
+    assert chunked, "the plan never cut a window: the test would not exercise chunks"
+
+
+def test_time_chunks_is_the_cheapest_plan():
+    """The dynamic programme against brute force over every set of cut columns (T = 9)."""
+    import itertools
+    from resetbench.torch_layers import time_chunks
+    rng = np.random.default_rng(53)
+
+    def cost(reset, chunks, call_cost, max_steps):
+        total = 0.0
+        for s, e in chunks:
+            k = int(reset[:, s + 1:e].sum(axis=1).max(initial=0))
+            if e - s + k > max_steps and e - s > 1:
+                return np.inf
+            total += call_cost + e - s + k
+        return total
+
+    T = 9
+    for trial in range(12):
+        reset = rng.random((4, T)) < [0.1, 0.3, 0.6][trial % 3]
+        call_cost, max_steps = [0.25, 1.5, 4.0][trial % 3], [64, 6, 3][trial // 4]
+        best = min(cost(reset, list(zip((0,) + cuts, cuts + (T,))), call_cost, max_steps)
+                   for n in range(T) for cuts in itertools.combinations(range(1, T), n))
+        chunks = time_chunks(reset, call_cost, max_steps)
+        assert chunks[0][0] == 0 and chunks[-1][1] == T and all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        assert cost(reset, chunks, call_cost, max_steps) == pytest.approx(best)
+
+
+def test_fused_runs_bptt_only_where_pytorch_has_no_fused_op():
+    """The recorded kernel says what ran: the GRU on a CPU has no fused op in PyTorch."""
+    gru = dataclasses.replace(SPEC, cell="gru")
+    assert make_backend("torch", gru, tiny_weights(0, gru), SGD, 2, kernel="fused").kernel \
+        == "torch.fused.bptt"
+    lstm = make_backend("torch", SPEC, tiny_weights(0, SPEC), SGD, 2, kernel="fused")
+    import torch
+    assert lstm.kernel == ("torch.fused" if torch.backends.mkldnn.is_available() else "torch.fused.bptt")
