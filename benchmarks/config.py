@@ -342,15 +342,18 @@ def optimizer_spec(cfg: Mapping[str, Any]) -> OptimizerSpec:
 #                the layout's largest batch (Layout.footprint: B x T, or B x the longest sequence
 #                rounded up to pad_multiple for padded).
 #   layout       13 bytes per slot (x, y int32, mask float32, reset bool) of what the layout
-#                materializes at once, plus 9 bytes per token it gathers at once (Layout.footprint:
-#                packed keeps a whole epoch as [B, W*T], W*T >= tokens / B + the longest sequence,
-#                and gathers every token; padded and reset_all build one group of B rows at a
-#                time); the eval layout (packed, eval sizes) is held throughout
+#                holds at once, plus 72 bytes per slot it gathers at once (the int64 index
+#                arithmetic; tracemalloc measures up to ~67), plus its index of the epoch per
+#                sequence (Layout.footprint: every layout builds one batch at a time straight from
+#                the corpus bytes, B x T for packed and reset_all, B x the longest sequence for
+#                padded, so nothing grows with the tokens; packed's index peaks at ~90 bytes per
+#                sequence, the others' at ~30); the eval layout (packed, eval sizes) is held
+#                throughout
 #   data         building the corpus (DataSize.load_bytes, from benchmarks.data)
 # Frameworks add their own workspace and caches: the estimate is a floor meant to refuse what
 # cannot fit, not to promise that everything else fits.
 SLOT_BYTES = 13
-GATHER_BYTES = 9
+GATHER_BYTES = 72
 # the size keys (with the strategy's integer options, see _defaults) a memory error may name
 MEMORY_KEYS = ("model.hidden", "model.embed", "model.layers", "train.batch_size", "train.window",
                "eval.batch_size", "eval.window")
@@ -369,8 +372,9 @@ def estimate_memory(cfg: Mapping[str, Any], size: DataSize) -> Dict[str, int]:
     B, T, eB, eT = int(t["batch_size"]), int(t["window"]), int(e["batch_size"]), int(e["window"])
     P = count_params(E, H, L, cell=str(m.get("cell", "lstm")))
     train = registry.build_layout(cfg["strategy"], B, T).footprint(size.train_tokens, size.train_longest)
-    held_eval = Packed(eB, eT).footprint(size.eval_tokens, size.eval_longest).held_slots
-    layout = SLOT_BYTES * (train.held_slots + held_eval) + GATHER_BYTES * train.gathered_tokens
+    ev = Packed(eB, eT).footprint(size.eval_tokens, size.eval_longest)
+    layout = (SLOT_BYTES * (train.held_slots + ev.held_slots) + GATHER_BYTES * train.gathered_tokens
+              + train.sequence_bytes * size.train_sequences + ev.sequence_bytes * size.eval_sequences)
     train_act = train.step_slots * 4 * (12 * H * L + 2 * E + 3 * V)
     eval_act = eB * eT * 4 * (6 * H * L + E + 2 * V)
     return {"weights": 8 * P, "gradients": 4 * P, "optimizer": 8 * P if t["optimizer"] == "adam" else 0,

@@ -27,17 +27,6 @@ class Corpus:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def shifted_ids(self) -> np.ndarray:
-        """int32 copy of ``data`` behind one leading dummy id (cached): layouts gather from it,
-        so that the index just before a sequence's first byte is always valid."""
-        cached = getattr(self, "_shifted", None)
-        if cached is None or len(cached) != len(self.data) + 1:
-            cached = np.empty(len(self.data) + 1, np.int32)
-            cached[0] = 256
-            cached[1:] = self.data
-            self._shifted = cached
-        return cached
-
     @property
     def lengths(self) -> np.ndarray:
         """Bytes per sequence (a sequence of n bytes has n + 1 target positions)."""

@@ -5,8 +5,11 @@ each sequence start, state carried between windows. ``Padded`` and ``ResetAll`` 
 frameworks offer instead (docs/spec.md).
 
 A strategy is a data layout, not a code path: every layout yields :class:`resetbench.contract.Batch`
-and a backend treats them alike. Tokens are gathered with vectorized index arithmetic; the only
-Python loops run over groups or sequences, never tokens.
+and a backend treats them alike. Every layout is lazy: an epoch holds an index computed from the
+sequence lengths alone (O(sequences)) and gathers each batch's tokens from the corpus bytes when
+the batch is reached (O(B x T)), so no layout's memory grows with the tokens. Tokens are gathered
+with vectorized index arithmetic; the only Python loops run over windows, groups or sequences,
+never tokens.
 
 Every layout class is constructed as ``Cls(batch_size, window, seed, **options)`` and refuses a bad
 or unknown option with a :class:`ConfigError` naming ``strategy.<option>``. The benchmark builds
@@ -20,7 +23,7 @@ Every epoch visits every training sequence exactly once, in an order drawn from
 from __future__ import annotations
 
 import heapq
-from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -32,60 +35,69 @@ def _round_up(n: int, m: int) -> int:
     return -(-int(n) // int(m)) * int(m)
 
 
-def gather(corpus: Corpus, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Input/target ids of sequences ``ids`` laid end to end.
+def _source(corpus: Corpus) -> np.ndarray:
+    """The bytes to gather from: ``corpus.data`` itself (uint8, never copied), or one dummy byte
+    when the corpus has none, so that a clipped index is always valid."""
+    return corpus.data if len(corpus.data) else np.zeros(1, np.uint8)
 
-    Sequence ``k`` of n bytes gives n + 1 positions: inputs ``[256, s_1..s_n]``, targets
-    ``[s_1..s_n, 256]``. Laid end to end, the targets are the inputs shifted left by one with a
-    final boundary, so one gather builds both. Returns flat ``x``, ``y`` (int32) and the flat
-    start position of each sequence.
-    """
+
+def _tokens(data: np.ndarray, start: np.ndarray, length: np.ndarray, j: np.ndarray,
+            valid: np.ndarray) -> Batch:
+    """The batch whose slot reads position ``j`` of a sequence of ``length`` bytes at byte
+    ``start`` of ``data`` where ``valid`` (arrays broadcast to one [rows, cols] shape).
+
+    Sequence of n bytes ``s_1..s_n`` at position j (0..n): input ``256`` at j = 0 else ``s_j``,
+    target ``s_{j+1}``, or ``256`` at j = n; reset exactly at j = 0. Invalid slots are padding
+    (ids 0, mask 0, no reset). Only these slots' bytes are read."""
+    pos = start + j
+    x = np.take(data, pos - 1, mode="clip").astype(np.int32)     # clip: padding reads any byte
+    y = np.take(data, pos, mode="clip").astype(np.int32)
+    first = j == 0
+    np.copyto(x, BOUNDARY, where=first)
+    np.copyto(y, BOUNDARY, where=j == length)
+    padding = ~valid
+    np.copyto(x, 0, where=padding)
+    np.copyto(y, 0, where=padding)
+    return Batch(x, y, valid.astype(np.float32), valid & first)
+
+
+def _rows(corpus: Corpus, ids: np.ndarray, rows: int, t0: int, cols: int) -> Batch:
+    """One sequence per row (``ids``, then empty rows up to ``rows``), positions ``t0 .. t0+cols``
+    of each, padded with mask 0; every row, empty ones too, reset at column 0 when ``t0 == 0``
+    (a sequence's or a group's first window), nowhere else."""
     ids = np.asarray(ids, np.int64)
-    P = corpus.lengths[ids] + 1
-    starts = np.cumsum(P) - P
-    total = int(P.sum())
-    data = corpus.shifted_ids()
-    # flat position j of sequence k reads byte offsets[k] + (j - starts[k]) - 1, i.e. data[j + delta]
-    delta = corpus.offsets[ids] - starts
-    x = data[np.arange(total, dtype=np.int64) + np.repeat(delta, P)]
-    x[starts] = BOUNDARY
-    y = np.empty_like(x)
-    y[:-1] = x[1:]
-    if total:
-        y[-1] = BOUNDARY
-    return x, y, starts
-
-
-def _grid(rows: int, cols: int) -> Dict[str, np.ndarray]:
-    return {"x": np.zeros((rows, cols), np.int32), "y": np.zeros((rows, cols), np.int32),
-            "mask": np.zeros((rows, cols), np.float32), "reset": np.zeros((rows, cols), bool)}
-
-
-def _rows_of(corpus: Corpus, ids: np.ndarray, rows: int, cols: int) -> Dict[str, np.ndarray]:
-    """One sequence per row, left-aligned, padded with mask 0 to ``cols``."""
-    g = _grid(rows, cols)
-    x, y, starts = gather(corpus, ids)
-    P = corpus.positions[np.asarray(ids, np.int64)]
-    which = np.repeat(np.arange(len(P)), P)
-    pos = np.arange(len(x)) - np.repeat(starts, P)
-    g["x"][which, pos] = x
-    g["y"][which, pos] = y
-    g["mask"][which, pos] = 1.0
-    return g
-
-
-def _batch(g: Mapping[str, np.ndarray], t0: int = 0, t1: int | None = None) -> Batch:
-    sl = slice(t0, t1)
-    return Batch(g["x"][:, sl], g["y"][:, sl], g["mask"][:, sl], g["reset"][:, sl])
+    start = np.zeros((rows, 1), np.int64)
+    length = np.full((rows, 1), -1, np.int64)          # an empty row has no position at all
+    start[:len(ids), 0] = corpus.offsets[ids]
+    length[:len(ids), 0] = corpus.offsets[ids + 1] - start[:len(ids), 0]
+    j = np.arange(t0, t0 + cols, dtype=np.int64)[None, :]
+    batch = _tokens(_source(corpus), start, length, j, j <= length)
+    batch.reset[:] = False
+    batch.reset[:, 0] = t0 == 0
+    return batch
 
 
 class Footprint(NamedTuple):
-    """What a layout materializes for an epoch (the benchmark's memory estimate reads it): the
-    slots of its largest training batch, the slots it holds at once, the tokens it gathers at once."""
+    """What a layout holds for an epoch (the benchmark's memory estimate reads it): the slots of
+    its largest training batch, the slots it holds at once, the slots it gathers at once, and the
+    bytes per sequence its epoch index peaks at (order, streams: O(sequences), never O(tokens))."""
 
     step_slots: int
     held_slots: int
     gathered_tokens: int
+    sequence_bytes: int = 0
+
+
+# bytes per sequence at the peak of building an epoch's index (tracemalloc: packed ~89 for the
+# order, LPT assignment, stable sort and Streams; padded/bucketed/reset_all ~31 for the order and
+# the batch list)
+PACKED_SEQUENCE_BYTES = 96
+ROWS_SEQUENCE_BYTES = 32
+
+
+def _streaming_footprint(slots: int, sequence_bytes: int) -> Footprint:
+    """A layout that builds one batch of ``slots`` at a time, gathering only its tokens."""
+    return Footprint(slots, slots, slots, sequence_bytes)
 
 
 class Layout:
@@ -114,7 +126,7 @@ class Layout:
     def footprint(self, tokens: int, longest: int) -> Footprint:
         """The :class:`Footprint` of an epoch of ``tokens`` target positions whose longest
         sequence has ``longest`` (an upper bound; sizes a run before any data is loaded)."""
-        raise NotImplementedError(f"{type(self).__name__}.footprint: what an epoch materializes "
+        raise NotImplementedError(f"{type(self).__name__}.footprint: what an epoch holds "
                                   f"(the benchmark's memory estimate needs it)")
 
 
@@ -146,10 +158,11 @@ class Padded(Layout):
         self.row_multiple = check_int("strategy.row_multiple", row_multiple)
 
     def footprint(self, tokens: int, longest: int) -> Footprint:
-        """One batch at a time: B rows (or max_tokens' rows) as wide as the longest sequence."""
+        """One batch at a time, gathered straight from the corpus: B rows (or max_tokens' rows)
+        as wide as the longest sequence."""
         width = _round_up(longest, self.pad_multiple)
         rows = self.B if self.max_tokens is None else _rows_for(width, self.max_tokens, self.row_multiple)
-        return Footprint(rows * width, rows * width, 0)
+        return _streaming_footprint(rows * width, ROWS_SEQUENCE_BYTES)
 
     def batches(self, corpus: Corpus, epoch: int) -> List[Tuple[np.ndarray, int, int]]:
         """The epoch's batches as ``(sequence ids, rows, width)``, in training order."""
@@ -162,97 +175,155 @@ class Padded(Layout):
 
 def padded_epoch(corpus: Corpus, batches: List[Tuple[np.ndarray, int, int]]) -> Epoch:
     """An epoch of padded batches ``(sequence ids, rows, width)``: one sequence per row, every row
-    reset at column 0."""
+    reset at column 0; each batch gathered from the corpus when it is reached."""
     def make() -> Iterator[Batch]:
         for ids, rows, width in batches:
-            g = _rows_of(corpus, ids, rows, width)
-            g["reset"][:, 0] = True
-            yield _batch(g)
+            yield _rows(corpus, ids, rows, 0, width)
     return Epoch([(rows, width) for _, rows, width in batches], make)
 
 
 class ResetAll(Layout):
     """Keras-style stateful TBPTT: groups of B sequences padded to a multiple of the window T,
-    cut into windows; the whole batch's state is reset only at a group's first window."""
+    cut into windows; the whole batch's state is reset only at a group's first window. Each
+    window is gathered from the corpus when it is reached."""
 
     name = "reset_all"
 
     def epoch(self, corpus: Corpus, epoch: int = 0) -> Epoch:
-        order, B, T, P = self.order(corpus, epoch), self.B, self.T, corpus.positions
-        groups = [order[i:i + B] for i in range(0, len(order), B)]
-        widths = [_round_up(P[ids].max(), T) for ids in groups]
+        order, B, T = self.order(corpus, epoch), self.B, self.T
+        widths = _group_widths(corpus.positions[order], B, T)
 
         def make() -> Iterator[Batch]:
-            for ids, width in zip(groups, widths):
-                g = _rows_of(corpus, ids, B, width)
-                g["reset"][:, 0] = True
+            for g, width in enumerate(widths.tolist()):
+                ids = order[g * B:(g + 1) * B]
                 for t0 in range(0, width, T):
-                    yield _batch(g, t0, t0 + T)
-        return Epoch([(B, T)] * sum(w // T for w in widths), make)
+                    yield _rows(corpus, ids, B, t0, T)
+        return Epoch([(B, T)] * int(widths.sum() // T), make)
 
     def footprint(self, tokens: int, longest: int) -> Footprint:
-        """Windows of B x T, cut from one group of B rows padded to a multiple of T."""
-        return Footprint(self.B * self.T, self.B * _round_up(longest, self.T), 0)
+        """One window of B x T at a time."""
+        return _streaming_footprint(self.B * self.T, ROWS_SEQUENCE_BYTES)
+
+
+def _group_widths(positions: np.ndarray, B: int, T: int) -> np.ndarray:
+    """Width of each group of B consecutive sequences: its longest, rounded up to a multiple of T."""
+    if len(positions) == 0:
+        return np.zeros(0, np.int64)
+    longest = np.maximum.reduceat(positions, np.arange(0, len(positions), B))
+    return -(-longest // T) * T
 
 
 def balance_streams(lengths: np.ndarray, streams: int) -> np.ndarray:
     """Assign items to streams longest-first, each to the currently shortest stream (LPT).
-    Ties are broken by the given order. Returns the stream of each item."""
+    Ties are broken by the given order. Returns the stream of each item.
+
+    Needs only the lengths; walks them in chunks, so no Python list of every item is ever held."""
+    lengths = np.asarray(lengths)
     order = np.argsort(-lengths, kind="stable")
     heap = [(0, b) for b in range(streams)]
     assign = np.empty(len(lengths), np.int64)
-    for k, n in zip(order.tolist(), lengths[order].tolist()):
-        load, b = heapq.heappop(heap)
-        assign[k] = b
-        heapq.heappush(heap, (load + n, b))
+    for c in range(0, len(order), _CHUNK):
+        ks = order[c:c + _CHUNK]
+        for k, n in zip(ks.tolist(), lengths[ks].tolist()):
+            load, b = heap[0]                           # the shortest stream (lowest index on ties)
+            assign[k] = b
+            heapq.heapreplace(heap, (load + n, b))
     return assign
+
+
+_CHUNK = 1 << 16
+
+
+class Streams(NamedTuple):
+    """Where a packed epoch's sequences lie, from their lengths alone (O(sequences)): sequence
+    ``k`` (in stream order) fills slots ``first[k] .. first[k] + length[k]`` (its n + 1
+    positions), slot ``b * width + t`` being column t of stream b, and reads bytes from ``start[k]``."""
+
+    first: np.ndarray     # int64 [N], strictly increasing
+    start: np.ndarray     # int64 [N]: byte offset in corpus.data
+    length: np.ndarray    # int64 [N]: bytes (positions - 1)
+    width: int            # columns per stream, a multiple of T
+
+
+def pack_streams(corpus: Corpus, order: np.ndarray, B: int, T: int) -> Streams:
+    """Deal the sequences visited in ``order`` to B streams (LPT, :func:`balance_streams`), keep
+    the visiting order within each stream, and place each stream's sequences end to end."""
+    P = corpus.positions[order]
+    stream = balance_streams(P, B)
+    seq_order = np.argsort(stream, kind="stable")       # by stream, in visiting order within one
+    ids, stream, P = order[seq_order], stream[seq_order], P[seq_order]
+    del seq_order
+    loads = np.bincount(stream, minlength=B, weights=P).astype(np.int64)
+    width = max(_round_up(int(loads.max()) if len(loads) else 0, T), T)
+    first = np.cumsum(P) - P                            # where it starts, the streams end to end
+    first += (np.arange(B, dtype=np.int64) * width - (np.cumsum(loads) - loads))[stream]
+    del stream, P
+    start = corpus.offsets[ids]
+    return Streams(first, start, corpus.offsets[ids + 1] - start, width)
+
+
+def packed_window(streams: Streams, data: np.ndarray, B: int, T: int, w: int) -> Batch:
+    """Window ``w`` of packed streams: the sequence and position of each of its B x T slots
+    (:func:`slot_sequences`), then only those slots' bytes read from ``data``."""
+    row0 = np.arange(B, dtype=np.int64) * streams.width + w * T      # the slot of each row's column 0
+    slot = row0[:, None] + np.arange(T)
+    if len(streams.first) == 0:
+        return _tokens(data, slot, slot, slot, slot < 0)
+    k = slot_sequences(streams.first, row0, T)
+    before = k < 0                                      # no sequence yet (LPT fills stream 0 first)
+    k[before] = 0
+    j = slot - streams.first[k]
+    length = streams.length[k]
+    return _tokens(data, streams.start[k], length, j, ~before & (j <= length))
+
+
+def slot_sequences(first: np.ndarray, row0: np.ndarray, T: int) -> np.ndarray:
+    """For the slots ``row0[b] + t`` (t < T) the last sequence ``k`` with ``first[k] <= slot``
+    (-1 if none), ``[len(row0), T]``. ``first`` is increasing, so two binary searches per row find
+    the sequences starting inside it; a running count of those starts gives every slot's."""
+    lo = np.searchsorted(first, row0)                   # first sequence starting at or after column 0
+    counts = np.searchsorted(first, row0 + T) - lo      # sequences starting inside the row
+    rows = np.repeat(np.arange(len(row0)), counts)
+    ks = np.arange(len(rows)) + np.repeat(lo - (np.cumsum(counts) - counts), counts)
+    starts = np.zeros((len(row0), T), np.int64)
+    starts[rows, first[ks] - row0[rows]] = 1
+    np.cumsum(starts, axis=1, out=starts)
+    starts += (lo - 1)[:, None]
+    return starts
 
 
 class Packed(Layout):
     """B streams, each a concatenation of whole sequences (balanced by LPT, shuffled within each
     stream); windows of T; ``reset`` True exactly at each sequence's first position; padding only
-    at stream ends."""
+    at stream ends. Lazy: an epoch holds where each sequence lies (:class:`Streams`, computed
+    from the lengths) and gathers one window's B x T tokens at a time."""
 
     name = "packed"
 
-    def layout(self, corpus: Corpus, order: np.ndarray) -> Dict[str, np.ndarray]:
-        """The epoch as ``[B, W*T]`` arrays (W windows) for sequences visited in ``order``."""
-        B, T = self.B, self.T
-        P = corpus.positions[order]
-        stream = balance_streams(P, B)
-        # within a stream keep the random visiting order: sort by (stream, rank in order)
-        seq_order = np.lexsort((np.arange(len(order)), stream))
-        ids, stream, P = order[seq_order], stream[seq_order], P[seq_order]
-        loads = np.bincount(stream, minlength=B, weights=P).astype(np.int64)
-        width = max(_round_up(int(loads.max()) if len(loads) else 0, T), T)
-        g = _grid(B, width)
-        x, y, starts = gather(corpus, ids)                  # streams are contiguous in x, y
-        reset = np.zeros(len(x), bool)
-        reset[starts] = True
-        begin = 0
-        for b, load in enumerate(loads.tolist()):           # one copy per stream
-            g["x"][b, :load] = x[begin:begin + load]
-            g["y"][b, :load] = y[begin:begin + load]
-            g["reset"][b, :load] = reset[begin:begin + load]
-            g["mask"][b, :load] = 1.0
-            begin += load
-        return g
-
     def epoch(self, corpus: Corpus, epoch: int = 0) -> Epoch:
-        g = self.layout(corpus, self.order(corpus, epoch))
-        T = self.T
-        n = g["x"].shape[1] // T
+        return self.epoch_in_order(corpus, self.order(corpus, epoch))
+
+    def epoch_in_order(self, corpus: Corpus, order: np.ndarray) -> Epoch:
+        """The epoch of sequences visited in ``order``."""
+        B, T = self.B, self.T
+        streams = pack_streams(corpus, order, B, T)
+        n = streams.width // T
 
         def make() -> Iterator[Batch]:
+            data = _source(corpus)
             for w in range(n):
-                yield _batch(g, w * T, (w + 1) * T)
-        return Epoch([(self.B, T)] * n, make)
+                yield packed_window(streams, data, B, T, w)
+        return Epoch([(B, T)] * n, make)
+
+    def layout(self, corpus: Corpus, order: np.ndarray) -> Dict[str, np.ndarray]:
+        """The epoch as ``[B, W*T]`` arrays (W windows side by side) for sequences visited in
+        ``order``. O(tokens): for tests and small corpora."""
+        batches = list(self.epoch_in_order(corpus, order))
+        return {f: np.concatenate([getattr(b, f) for b in batches], axis=1) for f in ("x", "y", "mask", "reset")}
 
     def footprint(self, tokens: int, longest: int) -> Footprint:
-        """The whole epoch as ``[B, W*T]`` (each stream's load is at most tokens / B + the
-        longest sequence, the LPT bound), and every token gathered at once."""
-        width = max(_round_up(-(-int(tokens) // self.B) + int(longest), self.T), self.T)
-        return Footprint(self.B * self.T, self.B * width, int(tokens))
+        """One window of B x T at a time."""
+        return _streaming_footprint(self.B * self.T, PACKED_SEQUENCE_BYTES)
 
 
 def token_batches(ids: np.ndarray, positions: np.ndarray, batch_size: int, pad_multiple: int,

@@ -419,13 +419,13 @@ def test_memory_estimate_parts():
     assert parts["data"] == 1_000_000
     eval_slots = 64 * 256 * 4 * (6 * 256 + 64 + 2 * 257)
     assert parts["activations"] == max(32 * 64 * 4 * (12 * 256 + 2 * 64 + 3 * 257), eval_slots)
-    # packed: a whole epoch of [B, W*T], W*T >= tokens / B + the longest sequence, plus gathering
-    width = -(-(-(-100_000 // 32) + 500) // 64) * 64
-    eval_width = max(-(-(-(-1000 // 64) + 300) // 256) * 256, 256)
-    assert parts["layout"] == 13 * 32 * width + 9 * 100_000 + 13 * 64 * eval_width
+    # streaming layouts: one batch held and gathered at a time (13 + 72 bytes per slot), plus an
+    # index per sequence (packed 96 bytes, the others 32); the eval layout is packed at eval sizes
+    held_eval = 13 * 64 * 256 + 96 * 10
+    assert parts["layout"] == (13 + 72) * 32 * 64 + 96 * 1000 + held_eval
     assert estimate_memory(_cfg(train__optimizer="sgd"), SIZE)["optimizer"] == 0
     padded = estimate_memory(_cfg(strategy__name="padded", strategy__pad_multiple=16), SIZE)
-    assert padded["layout"] == 13 * 32 * 512 + 13 * 64 * eval_width     # one batch at the longest (500 -> 512)
+    assert padded["layout"] == (13 + 72) * 32 * 512 + 32 * 1000 + held_eval    # one batch at the longest (500 -> 512)
     big = estimate_memory(_cfg(strategy__name="padded", strategy__pad_multiple=16, eval__batch_size=1), SIZE)
     assert big["activations"] == 32 * 512 * 4 * (12 * 256 + 2 * 64 + 3 * 257)
 
