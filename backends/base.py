@@ -296,6 +296,15 @@ class Backend(ABC):
         None: the benchmark measures NumPy's instead."""
         return None
 
+    def layer_timer(self, batch: Batch) -> Optional[Callable[[], Any]]:
+        """A no-argument call that runs the recurrent layers alone on ``batch`` with the training
+        kernel: forward from the carried state and backward of the sum of the last layer's
+        outputs to the layers' weights and inputs (no embedding, head, loss or optimizer; the
+        state is not advanced); returns a scalar to read after synchronizing. The kernel
+        benchmark's layer-only rows (a full step's ratio hides the layer's own gap). None: not
+        offered."""
+        return None
+
 
 def _declared_facts(backend: str, kernel: Optional[str]) -> Tuple[str, Tuple[str, ...]]:
     """``(eval_kernel, needs)`` of ``kernel`` from ``conf/backend/<backend>.yaml``, for an adapter

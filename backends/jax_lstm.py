@@ -290,8 +290,16 @@ class JaxBackend(Backend):
             logits, state = logits_fn(params, state, x, reset, L, U, C, mask, K)
             return jnp.swapaxes(logits, 0, 1), state
 
+        def layer_sum(params, inp, state, reset, mask):
+            out, _ = LAYER_STACKS[K](params, state, inp, reset, mask, L, U, C)
+            return jnp.sum(out)
+
+        def layer(params, state, x, mask, reset):         # the layers alone: see Backend.layer_timer
+            inp = jax.lax.stop_gradient(params["embedding"][x.T])
+            return jax.value_and_grad(layer_sum, argnums=(0, 1))(params, inp, state, reset, mask)
+
         return {"train": (train, (0, 1, 2)), "grads": (grads, ()), "eval": (evaluate, (1,)),
-                "forward": (forward, ())}
+                "forward": (forward, ()), "layer": (layer, ())}
 
     def _abstract(self, tree: Any) -> Any:
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._sharding), tree)
@@ -308,7 +316,7 @@ class JaxBackend(Backend):
             args = [self._abstract(self.params)]
             if kind == "train":
                 args.append(self._abstract(self.opt_state))
-            args += [state, ids] + ([] if kind == "forward" else [ids]) + [mask, reset]
+            args += [state, ids] + ([] if kind in ("forward", "layer") else [ids]) + [mask, reset]
             self._compiled[key] = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
             self.compile_count += 1
         return self._compiled[key]
@@ -337,6 +345,11 @@ class JaxBackend(Backend):
         step = self._executable("train", *batch.x.shape)
         self.params, self.opt_state, self.state, loss = step(self.params, self.opt_state, self.state, *data)
         return loss
+
+    def layer_timer(self, batch: Batch):
+        data = self._batch(batch, "x mask reset")
+        step = self._executable("layer", *batch.x.shape)
+        return lambda: step(self.params, self.state, *data)[0]
 
     def gradients(self, batch: Batch) -> Tuple[float, Dict[str, np.ndarray]]:
         data = self._batch(batch)

@@ -316,16 +316,20 @@ class KerasBackend(Backend):
         return LAYERS[cell](H, return_state=True, implementation=self.loop, name=name)
 
     def _logits(self, x, mask, reset, state, kernel: str):
-        """Logits and final state (a tuple of [L, B, H]) with ``kernel``: ``reset`` runs the
+        """Logits and final state (a tuple of [L, B, H]) with ``kernel`` (see :meth:`_layers`)."""
+        out, state = self._layers(self.embedding(x), mask, reset, state, kernel)
+        return self.head(out), state
+
+    def _layers(self, inp, mask, reset, state, kernel: str):
+        """The recurrent layers' outputs and final state with ``kernel``: ``reset`` runs the
         reset-aware loop (our layers, or the same loop on a Keras layer's weights: a baseline's
         eval step), ``native`` and ``peer`` the Keras layer (``peer`` with a padding mask)."""
-        inp = self.embedding(x)
         finals = []
         keep = 1.0 - tf.cast(reset[:, :1], tf.float32)        # [B, 1]: the column-0 resets
         seq_mask = None
         if kernel == "peer":
             lengths = tf.reduce_sum(tf.cast(mask > 0, tf.int32), axis=1)   # checked on the host
-            seq_mask = tf.sequence_mask(lengths, tf.shape(x)[1])
+            seq_mask = tf.sequence_mask(lengths, tf.shape(reset)[1])
         for layer, rnn in enumerate(self.rnns):
             s0 = tuple(s[layer] for s in state)
             if isinstance(rnn, ResetRNN):
@@ -335,7 +339,7 @@ class KerasBackend(Backend):
             else:
                 inp, *final = rnn(inp, mask=seq_mask, initial_state=[s * keep for s in s0])
             finals.append(tuple(final))
-        return self.head(inp), tuple(tf.stack(parts) for parts in zip(*finals))
+        return inp, tuple(tf.stack(parts) for parts in zip(*finals))
 
     @staticmethod
     def _ce(logits, y):
@@ -393,6 +397,14 @@ class KerasBackend(Backend):
         def forward(x, mask, reset, state):
             return self._logits(x, mask, reset, state, self.kernel_option)
 
+        def layer(x, mask, reset, state):                  # the layers alone: see Backend.layer_timer
+            inp = self.embedding(x)
+            with tf.GradientTape() as tape:
+                tape.watch(inp)
+                loss = tf.reduce_sum(self._layers(inp, mask, reset, state, self.kernel_option)[0])
+            grads = tape.gradient(loss, [inp] + self._tvars)
+            return loss, [g for g in grads if g is not None]
+
         # train and eval steps: XLA if chosen (XLA compiles once per (B, T); see precompile).
         # forward and gradients serve the tests, which feed many shapes: graph mode only, so the
         # tests do not pay one XLA compile per shape (train_step's numerics under XLA are checked
@@ -401,6 +413,7 @@ class KerasBackend(Backend):
         self._eval_fn = tf.function(evaluate, input_signature=sig_batch + sig_state, jit_compile=self.eval_jit)
         self._grad_fn = tf.function(self._grads, input_signature=sig_batch + sig_state, jit_compile=False)
         self._fwd_fn = tf.function(forward, input_signature=[ids] + sig_batch[2:] + sig_state, jit_compile=False)
+        self._layer_fn = tf.function(layer, input_signature=[ids] + sig_batch[2:] + sig_state, jit_compile=self.train_jit)
 
     def _args(self, batch: Batch):
         """The batch's arrays for the train, gradient and forward functions, after the host-side
@@ -413,6 +426,15 @@ class KerasBackend(Backend):
         with tf.device(self._tf_device):
             loss, self._state = self._train_fn(*self._args(batch), self._state)
         return loss
+
+    def layer_timer(self, batch: Batch):
+        self.check_batch(batch)
+        args = (batch.x, batch.mask, batch.reset, self._state)
+
+        def run():
+            with tf.device(self._tf_device):
+                return self._layer_fn(*args)[0]
+        return run
 
     def gradients(self, batch: Batch) -> Tuple[float, Dict[str, np.ndarray]]:
         with tf.device(self._tf_device):

@@ -134,6 +134,19 @@ class TorchBackend(Backend):
             return layers_rewrite(cell, inp, batch.reset, self.state, layers)
         return layers_fused(cell, inp, batch.reset, self.state, layers)
 
+    def layer_timer(self, batch: Batch):
+        self.check_batch(batch)
+        x, _, _ = self._to_device(batch)
+        inp = F.embedding(x, self.p["embedding"]).detach().requires_grad_()
+        weights = [p for layer in self._layer_weights() for p in layer.values()]
+
+        def run() -> torch.Tensor:
+            out, _ = self._layers(inp, batch, self.kernel_option)
+            loss = out.sum()
+            torch.autograd.grad(loss, [inp] + weights)
+            return loss.detach()
+        return run
+
     def _logits(self, x: torch.Tensor, batch: Batch, kernel: Optional[str] = None) -> torch.Tensor:
         """Forward from the carried state with ``kernel`` (default: the training kernel, after
         checking the batch's layout); stores the (detached) final state."""

@@ -9,9 +9,11 @@ every kernel alike. It also measures the matmul peak through each backend (its a
 ``matmul``, or NumPy's: a large float32 matmul, and the model's own GEMM shapes). This module
 imports no framework. It writes
 
-- ``results/tables/kernels.csv``: one tidy row per (backend, kernel, shape, density) with the
-  median tokens/s, ``kernel_role``, ``reset_cost_ratio`` (tokens/s over the same backend's kernel
-  with role ``native`` on the same shape without resets; NaN for a backend without one) and
+- ``results/tables/kernels.csv``: one tidy row per (backend, cell, kernel, shape, density,
+  ``scope``) with the median tokens/s (``scope`` ``step``: a full train step; ``layer``: the
+  recurrent layers' forward and backward alone, where the adapter offers ``layer_timer``),
+  ``kernel_role``, ``reset_cost_ratio`` (tokens/s over the same backend's kernel with role
+  ``native`` on the same cell, shape and scope without resets; NaN for a backend without one) and
   ``peak_fraction`` (useful model FLOP/s over the best framework's large-matmul GFLOP/s here);
 - ``results/tables/matmul.csv``: GFLOP/s per framework and GEMM shape;
 - ``results/tables/kernels_env.json``: the environment of the run;
@@ -56,6 +58,12 @@ def model_flops(B: int, T: int, E: int, H: int, L: int, V: int = 257, gates: int
     G = gates * H
     per_token = 2 * (E * G + (L - 1) * H * G + L * H * G + H * V)
     return 3.0 * B * T * per_token
+
+
+def layer_flops(B: int, T: int, E: int, H: int, L: int, gates: int = 4) -> float:
+    """Useful FLOPs of the recurrent layers' forward and backward alone (the layer rows)."""
+    G = gates * H
+    return 3.0 * B * T * 2 * (E * G + (L - 1) * H * G + L * H * G)
 
 
 def gemm_shapes(B: int, T: int, E: int, H: int, V: int = 257) -> Dict[str, Tuple[int, int, int]]:
@@ -167,19 +175,23 @@ def kernel_configs(cfg: dict, kernels: Sequence[str], shape: Tuple[int, int, int
     return out
 
 
-def kernel_row(backend: str, config: tuple, times: List[float], embed: int) -> dict:
-    """The kernels.csv row of one (kernel, density) config from its timed steps."""
+def kernel_row(backend: str, config: tuple, times: List[float], embed: int, scope: str = "step") -> dict:
+    """The kernels.csv row of one (kernel, density) config from its timed steps; ``scope``:
+    ``step`` (a full train step) or ``layer`` (the recurrent layers' forward and backward alone,
+    :meth:`backends.base.Backend.layer_timer`)."""
     decl, d, be, batch, compile_s = config
     B, T = batch.x.shape
     H = be.spec.hidden
     step = statistics.median(times)
     cell = be.spec.cell
+    gates = len(cell_spec(cell).gates)
+    flops = model_flops(B, T, embed, H, 1, gates=gates) if scope == "step" else layer_flops(B, T, embed, H, 1, gates)
     return {"kind": "kernel", "backend": backend, "cell": cell, "kernel_option": decl.name, "kernel_role": decl.role,
-            "kernel": be.kernel, "device": be.device, "B": B, "T": T, "E": embed, "H": H, "density": d,
+            "kernel": be.kernel, "scope": scope, "device": be.device, "B": B, "T": T, "E": embed, "H": H, "density": d,
             "mid_window_resets": int(batch.reset[:, 1:].sum()),
             "max_resets_in_a_row": int(batch.reset[:, 1:].sum(1).max()),
             "step_ms_median": step * 1e3, "tokens_per_s": B * T / step,
-            "model_gflops": model_flops(B, T, embed, H, 1, gates=len(cell_spec(cell).gates)) / step / 1e9,
+            "model_gflops": flops / step / 1e9,
             "steps_timed": len(times),
             "precompile_s": compile_s}
 
@@ -200,26 +212,34 @@ def worker(backend: str, kernels: Sequence[str], shapes: Sequence[Tuple[int, int
         emit(row)
     for cell, shape in ((c, sh) for c in cells for sh in shapes):
         configs = kernel_configs(cfg, kernels, shape, embed, densities, device, cell)
+        layers = [be.layer_timer(batch) for _, _, be, batch, _ in configs]
         samples: List[List[float]] = [[] for _ in configs]
+        layer_samples: List[List[float]] = [[] for _ in configs]
         for r in range(rounds):                       # interleaved: drift hits every config alike
             for i, (_, _, be, batch, _) in enumerate(configs):
                 samples[i] += time_steps(be.train_step, be.synchronize, batch, 3 if r == 0 else 1, repeats)
-        for config, times in zip(configs, samples):
+                if layers[i] is not None:
+                    layer_samples[i] += time_steps(lambda _, run=layers[i]: run(), be.synchronize, batch,
+                                                   3 if r == 0 else 1, repeats)
+        for config, times, layer_times in zip(configs, samples, layer_samples):
             emit(kernel_row(backend, config, times, embed))
-        del configs
+            if layer_times:
+                emit(kernel_row(backend, config, layer_times, embed, scope="layer"))
+        del configs, layers
 
 
 # --------------------------------------------------------------------------- the parent: tables and figure
 def derive(rows: List[dict]) -> Tuple[List[dict], List[dict]]:
     """Split rows into kernel and matmul rows and add ``reset_cost_ratio`` (over the same backend's
-    kernel with role ``native``, density 0, same shape; NaN without one) and ``peak_fraction``."""
+    kernel with role ``native``, density 0, same cell, shape and scope; NaN without one) and
+    ``peak_fraction``."""
     mm = [r for r in rows if r["kind"] == "matmul"]
     ker = [r for r in rows if r["kind"] == "kernel"]
     peak = max((r["gflops"] for r in mm if r["gemm"].startswith("square")), default=float("nan"))
-    native = {(r["backend"], r.get("cell", "lstm"), r["B"], r["T"], r["H"]): r["tokens_per_s"] for r in ker
-              if r.get("kernel_role") == "native" and r["density"] == 0}
+    key = lambda r: (r["backend"], r.get("cell", "lstm"), r.get("scope", "step"), r["B"], r["T"], r["H"])
+    native = {key(r): r["tokens_per_s"] for r in ker if r.get("kernel_role") == "native" and r["density"] == 0}
     for r in ker:
-        base = native.get((r["backend"], r.get("cell", "lstm"), r["B"], r["T"], r["H"]))
+        base = native.get(key(r))
         r["reset_cost_ratio"] = r["tokens_per_s"] / base if base else float("nan")
         r["best_matmul_gflops"] = peak
         r["peak_fraction"] = r["model_gflops"] / peak
@@ -246,10 +266,12 @@ def summary_lines(ker: List[dict], mm: List[dict]) -> List[str]:
     """Human-readable summary: peaks, and per backend and shape, the best exact kernel at 3%."""
     out = ["matmul GFLOP/s (float32, 2048^3): " + ", ".join(
         f"{r['backend']} {r['gflops']:.0f}" for r in mm if r["gemm"].startswith("square"))]
-    out.append(f"{'backend':<7} {'kernel':<34} {'B':>3} {'T':>4} {'H':>4} {'resets':>6} "
+    out.append(f"{'backend':<7} {'cell':<4} {'kernel':<34} {'scope':<5} {'B':>3} {'T':>4} {'H':>4} {'resets':>6} "
                f"{'tokens/s':>10} {'vs native':>9} {'of peak':>8}")
-    for r in sorted(ker, key=lambda r: (r["backend"], r["B"], r["T"], r["H"], r["kernel_option"], r["density"])):
-        out.append(f"{r['backend']:<7} {r['kernel']:<34} {r['B']:>3} {r['T']:>4} {r['H']:>4} "
+    for r in sorted(ker, key=lambda r: (r["backend"], r.get("cell", "lstm"), r.get("scope", "step"), r["B"], r["T"],
+                                        r["H"], r["kernel_option"], r["density"])):
+        out.append(f"{r['backend']:<7} {r.get('cell', 'lstm'):<4} {r['kernel']:<34} {r.get('scope', 'step'):<5} "
+                   f"{r['B']:>3} {r['T']:>4} {r['H']:>4} "
                    f"{r['density']:>6.0%} {r['tokens_per_s']:>10,.0f} {r['reset_cost_ratio']:>8.2f}x "
                    f"{r['peak_fraction']:>7.1%}")
     return out

@@ -486,7 +486,7 @@ def _peak_panel(ax, ker: pd.DataFrame, mm: pd.DataFrame) -> None:
 def kernels_figure(kernels, matmul, path: str) -> str:
     """``kernels.png`` from ``python -m benchmarks.kernels``: each exact (reset-aware) kernel's
     tokens/s over its framework's ``native`` kernel (same shape) against reset density, with the
-    0.9x target; the absolute tokens/s of backends that declare no ``native`` kernel; and useful
+    0.9x target, for the full train step and (rows with ``scope`` layer) the layers alone; the absolute tokens/s of backends that declare no ``native`` kernel; and useful
     model FLOP/s as a share of the best measured matmul peak. Roles come from ``kernel_role``
     (:func:`roles` for older tables)."""
     ker = _need(pd.DataFrame(kernels) if kernels is not None else None, "kernel benchmark rows (kernels.csv; "
@@ -494,11 +494,15 @@ def kernels_figure(kernels, matmul, path: str) -> str:
     ker = ker.assign(role=roles(ker))
     if "reset_cost_ratio" not in ker.columns:
         ker = ker.assign(reset_cost_ratio=np.nan)
+    scope = ker["scope"].fillna("step") if "scope" in ker.columns else pd.Series("step", index=ker.index)
+    layer, ker = ker[scope == "layer"], ker[scope == "step"]      # tables before layer rows: all steps
     mm = pd.DataFrame(matmul) if matmul is not None else pd.DataFrame()
     exact = ker[ker["role"] == "exact"]
     ratio = exact[exact["reset_cost_ratio"].notna()]
+    layer_ratio = layer[(layer["role"] == "exact") & layer["reset_cost_ratio"].notna()]
     absolute = exact[~exact["backend"].isin(ratio["backend"])]
-    panels = [p for p, rows in (("ratio", ratio), ("absolute", absolute)) if len(rows)] + ["peak"]
+    panels = [p for p, rows in (("ratio", ratio), ("layer", layer_ratio), ("absolute", absolute)) if len(rows)]
+    panels.append("peak")
     fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 6.5), squeeze=False,
                              gridspec_kw={"wspace": 0.75})
     shapes, colors = sorted({(int(r.B), int(r.T), int(r.H)) for r in ker.itertuples()}), {}
@@ -509,6 +513,13 @@ def kernels_figure(kernels, matmul, path: str) -> str:
             ax.axhline(0.9, color="red", lw=0.8, ls="--", label="target 0.9x")
             ax.set_ylabel("tokens/s / the native no-reset layer's (same cell)")
             ax.set_title("Cost of per-sample resets (full train step)")
+            ax.legend(fontsize=7)
+        elif panel == "layer":
+            _density_lines(ax, layer_ratio, "reset_cost_ratio", shapes, colors)
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.axhline(0.9, color="red", lw=0.8, ls="--", label="target 0.9x")
+            ax.set_ylabel("layer forward+backward speed / the native layer's (same cell)")
+            ax.set_title("Cost of per-sample resets (recurrent layers alone)")
             ax.legend(fontsize=7)
         elif panel == "absolute":
             _density_lines(ax, absolute, "tokens_per_s", shapes, colors)

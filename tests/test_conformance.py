@@ -219,3 +219,24 @@ def test_a_reset_clears_a_nan_state(name):
     assert_close(logits[0, 6:], expected[0, 6:], "row 0 after its reset")
     assert_close(logits[1:], expected[1:], "rows 1-3")
     assert all(np.isfinite(s).all() for s in be.get_state())
+
+
+def test_layer_timer_runs_the_layers_without_side_effects(name):
+    """The kernel benchmark's layer-only call (Backend.layer_timer): a finite scalar, the same on
+    a second call, weights and carried state untouched; the value depends on the carried state
+    (the layers really run from it)."""
+    be, _ = _pair(name)
+    batch = mid_reset_batches(19)[0]
+    be.set_state(*_state(20, name))
+    weights, state = be.get_weights(), be.get_state()
+    run = be.layer_timer(batch)
+    assert run is not None, f"{name}: every backend adapter offers layer_timer"
+    first = float(run())
+    be.synchronize()
+    assert np.isfinite(first) and float(run()) == pytest.approx(first, rel=1e-6)
+    for k, v in be.get_weights().items():
+        np.testing.assert_array_equal(v, weights[k], err_msg=k)
+    for a, b in zip(be.get_state(), state):
+        np.testing.assert_array_equal(a, b)
+    be.set_state(*_state(21, name, scale=3.0))
+    assert float(be.layer_timer(batch)()) != pytest.approx(first, rel=1e-6)

@@ -44,6 +44,24 @@ def test_derive_ratios_against_native_and_best_peak():
     assert [r["peak_fraction"] for r in mm] == pytest.approx([0.25, 1.0, 0.125])
 
 
+def test_layer_flops_are_the_recurrent_gemms_alone():
+    # B=2, T=3, E=4, H=5, L=1: per token 2 * (4*20 + 5*20) FLOPs forward, 3x with the backward
+    assert kernels.layer_flops(2, 3, 4, 5, 1) == 3 * 6 * 2 * (4 * 20 + 5 * 20)
+    assert kernels.model_flops(2, 3, 4, 5, 1, 7) - kernels.layer_flops(2, 3, 4, 5, 1) == 3 * 6 * 2 * 5 * 7
+
+
+def test_layer_rows_are_compared_with_the_native_layer_rows():
+    rows = [{"kind": "kernel", "backend": "a", "kernel_option": "own", "kernel_role": "native", "B": 1, "T": 2,
+             "H": 3, "density": 0.0, "tokens_per_s": tps, "model_gflops": 1.0, "scope": scope}
+            for scope, tps in (("step", 100.0), ("layer", 400.0))]
+    rows += [{"kind": "kernel", "backend": "a", "kernel_option": "fast", "kernel_role": "exact", "B": 1, "T": 2,
+              "H": 3, "density": 0.1, "tokens_per_s": 200.0, "model_gflops": 1.0, "scope": scope}
+             for scope in ("step", "layer")]
+    ker, _ = kernels.derive(rows)
+    ratio = {r["scope"]: r["reset_cost_ratio"] for r in ker if r["kernel_option"] == "fast"}
+    assert ratio == {"step": pytest.approx(2.0), "layer": pytest.approx(0.5)}
+
+
 def test_random_batch_density():
     b = kernels.random_batch(64, 128, 0.03, seed=1)
     assert 0.02 < b.reset.mean() < 0.04
@@ -71,14 +89,15 @@ def test_quick_run_writes_the_tables_and_figure(tmp_path):
     kernels.main(["--quick", "--backends", "torch", "--out", str(tmp_path), "--figures", str(tmp_path)])
     with open(tmp_path / "kernels.csv") as fh:
         rows = list(csv.DictReader(fh))
-    got = {(r["kernel_option"], r["kernel_role"], float(r["density"])) for r in rows}
-    # every torch kernel but the slow-to-build ones; those with layout needs at density 0 only
+    got = {(r["kernel_option"], r["kernel_role"], float(r["density"]), r["scope"]) for r in rows}
+    # every torch kernel but the slow-to-build ones; those with layout needs at density 0 only;
+    # each as a full train step and as the layers alone (torch offers layer_timer)
     decls = registry.kernel_decls(registry.backend_configs()["torch"]).values()
-    expected = {(d.name, d.role, density) for d in decls if not d.slow_to_build
-                for density in ((0.0,) if d.needs else (0.0, 0.1))}
+    expected = {(d.name, d.role, density, scope) for d in decls if not d.slow_to_build
+                for density in ((0.0,) if d.needs else (0.0, 0.1)) for scope in ("step", "layer")}
     assert got == expected
-    native = [r for r in rows if r["kernel_role"] == "native"][0]
-    assert float(native["reset_cost_ratio"]) == pytest.approx(1.0)
+    for native in [r for r in rows if r["kernel_role"] == "native"]:
+        assert float(native["reset_cost_ratio"]) == pytest.approx(1.0)      # each scope over its own native
     assert all(float(r["tokens_per_s"]) > 0 for r in rows)
     assert os.path.getsize(tmp_path / "kernels.png") > 10_000
     assert (tmp_path / "matmul.csv").exists() and (tmp_path / "kernels_env.json").exists()
@@ -158,3 +177,21 @@ def test_a_failed_worker_exits_non_zero_after_writing_the_rest(tmp_path, monkeyp
     with open(tmp_path / "kernels.csv") as fh:
         assert {r["backend"] for r in csv.DictReader(fh)} == {"torch"}      # what did succeed is written
     assert "boom" in capsys.readouterr().out                                 # the worker's own error shown
+
+
+def test_figure_has_a_layer_panel_when_layer_rows_exist(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from benchmarks import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    step = _fake_rows("a", {"fast": "exact", "own": "native"})
+    layer = [dict(r, scope="layer", tokens_per_s=r["tokens_per_s"] * 2) for r in step if r["kind"] == "kernel"]
+    ker, mm = kernels.derive(step + layer)
+    plots.kernels_figure(ker, mm, str(tmp_path / "k.png"))
+    titles = [ax.get_title() for ax in drawn[0].axes]
+    assert any("layers alone" in t for t in titles) and any("full train step" in t for t in titles)
+    ker, mm = kernels.derive(step)                                   # tables without layer rows
+    plots.kernels_figure(ker, mm, str(tmp_path / "k2.png"))
+    assert not any("layers alone" in ax.get_title() for ax in drawn[1].axes)
+    plots.plt.close("all")
