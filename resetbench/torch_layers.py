@@ -120,7 +120,7 @@ class TorchCell:
     input_bias: str
     recurrent: Tuple[str, ...]
     gates: int
-    call_cost: float     # a fused call's fixed cost in time steps (measured on a CPU; see time_chunks)
+    call_cost: float     # a fused call's fixed cost in time steps (see time_chunks)
 
     def project(self, inp: torch.Tensor, p: Layer) -> torch.Tensor:
         return torch.matmul(inp, p["w_x"]) + p[self.input_bias]
@@ -177,8 +177,8 @@ class TorchCell:
 
 
 CELLS: Dict[str, TorchCell] = {
-    "lstm": TorchCell("lstm", lstm_cell, "b", ("w_h",), 4, 3.0),
-    "gru": TorchCell("gru", gru_cell, "b_x", ("w_h", "b_h"), 3, 0.25),
+    "lstm": TorchCell("lstm", lstm_cell, "b", ("w_h",), 4, 4.0),
+    "gru": TorchCell("gru", gru_cell, "b_x", ("w_h", "b_h"), 3, 1.0),
 }
 
 
@@ -197,20 +197,21 @@ def layers_loop(cell: str, inp: torch.Tensor, reset: torch.Tensor, state: State,
     return inp, tuple(torch.stack(parts) for parts in zip(*finals))
 
 
-MAX_STEPS = 64   # most rewritten steps per fused call: oneDNN's LSTM slows ~1.5x per step past ~65 steps at B=32 H=256
-
-
-def time_chunks(reset: np.ndarray, call_cost: float, max_steps: int = MAX_STEPS) -> List[Tuple[int, int]]:
+def time_chunks(reset: np.ndarray, call_cost: float, max_steps: Optional[int] = None) -> List[Tuple[int, int]]:
     """Cut a window's columns into chunks ``[s, e)``, one fused call each, at least cost.
 
     A reset in a chunk's first column is free (the state between calls is replaced by zeros with
     a select); every other reset costs a zeroing step in its row, and each row of the chunk pays
     for its busiest row: ``e - s + K(s, e)`` steps, ``K`` the most resets of a row in columns
-    ``s+1 .. e-1``. A call costs ``call_cost`` steps more (its fixed overhead: ~4 steps for
-    oneDNN's LSTM at B=32 H=256, ~1.4 at B=64 H=512, ~0 for ATen's GRU on a CPU). Chunks hold at
-    most ``max_steps`` rewritten steps (one column always fits). Exact dynamic programming over
-    cut columns, O(B T^2) on the host."""
+    ``s+1 .. e-1``. A call costs ``call_cost`` steps more (its fixed overhead, measured on this
+    CPU: ~6 steps for oneDNN's LSTM at B=32 H=256, ~1.5 at B=64 H=512). Chunks hold at most
+    ``max_steps`` rewritten steps if given (one column always fits). Exact dynamic programming
+    over cut columns, O(B T^2) on the host."""
     B, T = reset.shape
+    max_steps = 2 * T if max_steps is None else max_steps
+    K = int(reset[:, 1:].sum(axis=1).max(initial=0))
+    if K <= call_cost and T + K <= max_steps:      # a cut saves at most K steps and costs a call
+        return [(0, T)]
     cs = np.zeros((B, T + 1), np.int32)
     np.cumsum(reset, axis=1, out=cs[:, 1:])
     # K[s, e] = max_b (resets of row b in columns s+1 .. e-1) = max_b cs[b, e] - cs[b, min(s+1, e)]
@@ -240,7 +241,7 @@ def _zero_rows(rows: np.ndarray, state: State, like: torch.Tensor) -> State:
 
 
 def _layers_fused(c: TorchCell, inp: torch.Tensor, reset: np.ndarray, state: State, layers: Sequence[Layer],
-                  call_cost: float, max_steps: int):
+                  call_cost: float, max_steps: Optional[int]):
     """Every layer through the fused op for one group of rows, chunk by chunk of
     :func:`time_chunks`: the resets at a chunk's first column select the zero state between
     calls, the others are rewritten into the chunk (:class:`FusedPlan`)."""
@@ -299,7 +300,7 @@ def row_groups(reset: np.ndarray, min_saving: float = 0.05) -> List[np.ndarray]:
 
 
 def layers_rewrite(cell: str, inp: torch.Tensor, reset: np.ndarray, state: State, layers: Sequence[Layer],
-              call_cost: Optional[float] = None, max_steps: int = MAX_STEPS, groups: bool = True):
+              call_cost: Optional[float] = None, max_steps: Optional[int] = None, groups: bool = True):
     """The ``rewrite`` kernel (what ``fused`` runs where a fused op exists): every layer over a window with per-row, per-step
     resets through the framework's recurrent op (``_VF``), rows split into the groups of :func:`row_groups` (rows are independent)
     and time into the chunks of :func:`time_chunks`. ``inp`` [B, T, in]; ``reset`` [B, T] bool
@@ -324,9 +325,16 @@ def layers_rewrite(cell: str, inp: torch.Tensor, reset: np.ndarray, state: State
         inv = torch.from_numpy(np.argsort(np.concatenate(rows))).to(inp.device)
         out = torch.cat(outs).index_select(0, inv)
         final = tuple(torch.cat(parts, 1).index_select(1, inv) for parts in zip(*finals))
-    if not (bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(s).all()) for s in final)):
+    if not _finite(out, final):
         return layers_loop(cell, inp, torch.from_numpy(reset).to(inp.device), state, layers)
     return out, final
+
+
+def _finite(out: torch.Tensor, final: State) -> bool:
+    """Whether the outputs and final state hold no NaN or inf: one sum each (a NaN or inf
+    anywhere makes its sum non-finite, and these values are too small to overflow it), one sync."""
+    with torch.no_grad():
+        return bool(torch.isfinite(torch.stack([out.sum()] + [s.sum() for s in final])).all())
 
 
 def has_fused_op(cell: str, device: torch.device) -> bool:
