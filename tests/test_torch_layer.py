@@ -23,7 +23,7 @@ def _state(cell, L, B, H, gen):
     return state if cell == "lstm" else state[0]
 
 
-@pytest.mark.parametrize("kernel", ["fused", "loop"])
+@pytest.mark.parametrize("kernel", ["fused", "rewrite", "bptt", "loop"])
 @pytest.mark.parametrize("cell", sorted(LAYERS))
 def test_equals_torch_without_resets(cell, kernel):
     torch.manual_seed(0)
@@ -42,7 +42,7 @@ def test_equals_torch_without_resets(cell, kernel):
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
-@pytest.mark.parametrize("kernel", ["fused", "loop"])
+@pytest.mark.parametrize("kernel", ["fused", "rewrite", "bptt", "loop"])
 @pytest.mark.parametrize("cell", sorted(LAYERS))
 def test_resets_match_the_oracle_and_state_carries(cell, kernel, batch_first):
     """Two layers, mid-window resets, a carried state, two consecutive windows, outputs and
