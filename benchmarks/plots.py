@@ -483,6 +483,16 @@ def _peak_panel(ax, ker: pd.DataFrame, mm: pd.DataFrame) -> None:
     ax.legend(fontsize=7)
 
 
+def _ratio_panel(ax, rows: pd.DataFrame, shapes, colors: Dict, scope: str, ylabel: str) -> None:
+    """Reset-cost ratios against density, with the 1.0 line and the 0.9x target."""
+    _density_lines(ax, rows, "reset_cost_ratio", shapes, colors)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.axhline(0.9, color="red", lw=0.8, ls="--", label="target 0.9x")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"Cost of per-sample resets ({scope})")
+    ax.legend(fontsize=7)
+
+
 def kernels_figure(kernels, matmul, path: str) -> str:
     """``kernels.png`` from ``python -m benchmarks.kernels``: each exact (reset-aware) kernel's
     tokens/s over its framework's ``native`` kernel (same shape) against reset density, with the
@@ -508,19 +518,11 @@ def kernels_figure(kernels, matmul, path: str) -> str:
     shapes, colors = sorted({(int(r.B), int(r.T), int(r.H)) for r in ker.itertuples()}), {}
     for ax, panel in zip(axes[0], panels):
         if panel == "ratio":
-            _density_lines(ax, ratio, "reset_cost_ratio", shapes, colors)
-            ax.axhline(1.0, color="grey", lw=0.8)
-            ax.axhline(0.9, color="red", lw=0.8, ls="--", label="target 0.9x")
-            ax.set_ylabel("tokens/s / the native no-reset layer's (same cell)")
-            ax.set_title("Cost of per-sample resets (full train step)")
-            ax.legend(fontsize=7)
+            _ratio_panel(ax, ratio, shapes, colors, "full train step",
+                         "tokens/s / the native no-reset layer's (same cell)")
         elif panel == "layer":
-            _density_lines(ax, layer_ratio, "reset_cost_ratio", shapes, colors)
-            ax.axhline(1.0, color="grey", lw=0.8)
-            ax.axhline(0.9, color="red", lw=0.8, ls="--", label="target 0.9x")
-            ax.set_ylabel("layer forward+backward speed / the native layer's (same cell)")
-            ax.set_title("Cost of per-sample resets (recurrent layers alone)")
-            ax.legend(fontsize=7)
+            _ratio_panel(ax, layer_ratio, shapes, colors, "recurrent layers alone",
+                         "layer forward+backward speed / the native layer's (same cell)")
         elif panel == "absolute":
             _density_lines(ax, absolute, "tokens_per_s", shapes, colors)
             ax.set_ylabel("tokens/s (full train step)")
