@@ -18,6 +18,7 @@ from backends.base import Batch, OptimizerSpec, canonical_shapes
 from resetbench.corpus import Corpus
 from resetbench.layouts import Packed
 from backends.cells import cell_names
+from benchmarks import registry
 from tests.helpers import (TINY, assert_close, backend_variants, make_variant, mid_reset_batches,
                            oracle, random_batch, random_state, tiny_weights, variant_spec)
 
@@ -221,6 +222,13 @@ def test_a_reset_clears_a_nan_state(name):
     assert all(np.isfinite(s).all() for s in be.get_state())
 
 
+# each backend's default kernel, every cell: layer_timer is one code path per adapter, built on the
+# same layer stack the other tests check for every kernel (and each variant would compile once more)
+DEFAULT_VARIANTS = [v for v in BACKENDS
+                    if v.split(":")[1] == registry.default_kernel(registry.backend_configs()[v.split(":")[0]])]
+
+
+@pytest.mark.parametrize("name", DEFAULT_VARIANTS)
 def test_layer_timer_runs_the_layers_without_side_effects(name):
     """The kernel benchmark's layer-only call (Backend.layer_timer): a finite scalar, the same on
     a second call, weights and carried state untouched; the value depends on the carried state
