@@ -1,9 +1,9 @@
 """The ``bptt`` kernel: a reset-aware time loop with a hand-written backward pass, for every cell.
 
-PyTorch has no fused GRU on a CPU: ``nn.GRU`` runs ATen's step-by-step cell there, recording
-some 25 autograd nodes per step. This kernel runs the same arithmetic as one autograd node per
-layer and window (:class:`torch.autograd.Function`): the forward loop keeps the gates, the
-backward loop is a handful of in-place elementwise ops and one matmul per step (the
+PyTorch has no fused GRU on a CPU: ``nn.GRU`` runs ATen's step-by-step cell there, autograd
+recording each step's matmul and elementwise ops. This kernel runs the same arithmetic as one
+autograd node per layer and window (:class:`torch.autograd.Function`): the forward loop keeps the
+gates, the backward loop is a handful of in-place elementwise ops and one matmul per step (the
 elementwise derivative factors are computed for the whole window at once, after the forward
 loop), and the weight gradients are one matmul over the whole window. The reset is exact and
 costs nothing: before step t the rows that reset get the zero state (``torch.where``, a select:
