@@ -30,6 +30,12 @@ def _reset_cols(reset: torch.Tensor) -> List[bool]:
     return reset.any(1).tolist()
 
 
+def _carried_grad(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The gradient arriving at a final state component (zeros when the caller did not use it),
+    as a fresh tensor the backward loop may replace step by step."""
+    return grad.clone() if grad is not None else torch.zeros_like(like)
+
+
 def _shifted(h0: torch.Tensor, hout: torch.Tensor, reset_tm: torch.Tensor) -> torch.Tensor:
     """The state entering each step, [T, B, H]: ``h0`` then the outputs of the steps before,
     zero where the row resets (one select for the whole window)."""
@@ -76,9 +82,7 @@ class GruWindow(torch.autograd.Function):
         a_r = hp[..., 2 * H:] * r * (1 - r)               # n's pre-activation -> r's
         dpre = hp.new_empty(T, B, 3 * H)                  # d(h w_h + b_h): r, z, n * r
         dn = hp.new_empty(T, B, H)                        # d(n's pre-activation) = d(xp_n)
-        dh = dh_final.clone() if dh_final is not None else hout.new_zeros(B, H)
-        zero = hout.new_zeros(())
-        w_t = w_h.t()
+        dh, zero, w_t = _carried_grad(dh_final, h0), hout.new_zeros(()), w_h.t()
         for t in range(T - 1, -1, -1):
             if dout is not None:
                 dh = dh + dout[t]
@@ -134,10 +138,8 @@ class LstmWindow(torch.autograd.Function):
         a_c = o * (1 - tc * tc)                           # dh' -> dc'
         a = torch.cat([g * i * (1 - i), cin * f * (1 - f), i * (1 - g * g), tc * o * (1 - o)], 2)
         dpre = gates.new_empty(T, B, 4 * H)               # d(gate pre-activations)
-        dh = dh_final.clone() if dh_final is not None else hout.new_zeros(B, H)
-        dc = dc_final.clone() if dc_final is not None else hout.new_zeros(B, H)
-        zero = hout.new_zeros(())
-        w_t = w_h.t()
+        dh, dc = _carried_grad(dh_final, h0), _carried_grad(dc_final, c0)
+        zero, w_t = hout.new_zeros(()), w_h.t()
         for t in range(T - 1, -1, -1):
             if dout is not None:
                 dh = dh + dout[t]
