@@ -24,12 +24,6 @@ import torch
 State = Tuple[torch.Tensor, ...]
 
 
-def _reset_cols(reset: torch.Tensor) -> List[bool]:
-    """For each step of a time-major [T, B] mask, whether any row resets there (a step without one
-    skips its select)."""
-    return reset.any(1).tolist()
-
-
 def _carried_grad(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """The gradient arriving at a final state component (zeros when the caller did not use it),
     as a fresh tensor the backward loop may replace step by step."""
@@ -45,13 +39,13 @@ def _shifted(h0: torch.Tensor, hout: torch.Tensor, reset_tm: torch.Tensor) -> to
 
 class GruWindow(torch.autograd.Function):
     """One GRU layer over a window: ``(xp [T, B, 3H] = x w_x + b_x, h0 [B, H], w_h, b_h,
-    reset [T, B] bool) -> (outputs [T, B, H], final h)``."""
+    reset [T, B] bool, cols: per step whether any row resets) -> (outputs [T, B, H], final h)``."""
 
     @staticmethod
-    def forward(ctx, xp, h0, w_h, b_h, reset):
+    def forward(ctx, xp, h0, w_h, b_h, reset, cols):
         T, B, G = xp.shape
         H = G // 3
-        cols = _reset_cols(reset)
+        ctx.cols = cols
         hp = xp.new_empty(T, B, G)          # h w_h + b_h
         gates = xp.new_empty(T, B, G)       # r, z, n after their nonlinearity
         hout = xp.new_empty(T, B, H)
@@ -73,7 +67,7 @@ class GruWindow(torch.autograd.Function):
     def backward(ctx, dout, dh_final):
         h0, hout, hp, gates, w_h, reset = ctx.saved_tensors
         T, B, H = hout.shape
-        cols = _reset_cols(reset)
+        cols = ctx.cols
         hin = _shifted(h0, hout, reset)
         r, z, n = gates[..., :H], gates[..., H:2 * H], gates[..., 2 * H:]
         # derivative factors of the whole window: h' = (1 - z) n + z h_in
@@ -96,18 +90,19 @@ class GruWindow(torch.autograd.Function):
                 dh = torch.where(reset[t, :, None], zero, dh)
         dxp = torch.cat([dpre[..., :2 * H], dn], 2)
         dw_h = hin.reshape(T * B, H).t() @ dpre.reshape(T * B, 3 * H)
-        return dxp, dh, dw_h, dpre.sum((0, 1)), None
+        return dxp, dh, dw_h, dpre.sum((0, 1)), None, None
 
 
 class LstmWindow(torch.autograd.Function):
     """One LSTM layer over a window: ``(xp [T, B, 4H] = x w_x + b, h0, c0 [B, H], w_h,
-    reset [T, B] bool) -> (outputs [T, B, H], final h, final c)``."""
+    reset [T, B] bool, cols: per step whether any row resets) -> (outputs [T, B, H], final h,
+    final c)``."""
 
     @staticmethod
-    def forward(ctx, xp, h0, c0, w_h, reset):
+    def forward(ctx, xp, h0, c0, w_h, reset, cols):
         T, B, G = xp.shape
         H = G // 4
-        cols = _reset_cols(reset)
+        ctx.cols = cols
         gates = xp.new_empty(T, B, G)       # i, f, g, o after their nonlinearity
         cout = xp.new_empty(T, B, H)
         hout = xp.new_empty(T, B, H)
@@ -130,7 +125,7 @@ class LstmWindow(torch.autograd.Function):
     def backward(ctx, dout, dh_final, dc_final):
         h0, c0, hout, cout, gates, w_h, reset = ctx.saved_tensors
         T, B, H = hout.shape
-        cols = _reset_cols(reset)
+        cols = ctx.cols
         hin, cin = _shifted(h0, hout, reset), _shifted(c0, cout, reset)
         i, f, g, o = (gates[..., k * H:(k + 1) * H] for k in range(4))
         tc = torch.tanh(cout)
@@ -154,7 +149,7 @@ class LstmWindow(torch.autograd.Function):
                 rt = reset[t, :, None]
                 dh, dc = torch.where(rt, zero, dh), torch.where(rt, zero, dc)
         dw_h = hin.reshape(T * B, H).t() @ dpre.reshape(T * B, 4 * H)
-        return dpre, dh, dc, dw_h, None
+        return dpre, dh, dc, dw_h, None, None
 
 
 def layers_bptt(cell: str, inp: torch.Tensor, reset: torch.Tensor, state: State,
@@ -163,16 +158,17 @@ def layers_bptt(cell: str, inp: torch.Tensor, reset: torch.Tensor, state: State,
     in], ``reset`` [B, T] bool tensor, ``state`` one [L, B, H] tensor per state component.
     Returns the outputs [B, T, H] and the final state."""
     reset_tm = reset.t().contiguous()
+    cols = tuple(reset.any(0).tolist())          # steps where some row resets: one host read per window
     x = inp.transpose(0, 1)                               # time-major
     finals: List[State] = []
     for layer, p in enumerate(layers):
         if cell == "lstm":
             x, h, c = LstmWindow.apply(torch.matmul(x, p["w_x"]) + p["b"], state[0][layer], state[1][layer],
-                                       p["w_h"], reset_tm)
+                                       p["w_h"], reset_tm, cols)
             finals.append((h, c))
         elif cell == "gru":
             x, h = GruWindow.apply(torch.matmul(x, p["w_x"]) + p["b_x"], state[0][layer], p["w_h"], p["b_h"],
-                                   reset_tm)
+                                   reset_tm, cols)
             finals.append((h,))
         else:
             raise ValueError(f"layers_bptt cell={cell!r}: allowed lstm, gru")

@@ -37,6 +37,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from resetbench.torch_bptt import layers_bptt
+
 State = Tuple[torch.Tensor, ...]
 Layer = Mapping[str, torch.Tensor]          # one layer's canonical weights, e.g. {"w_x", "w_h", "b"}
 SATURATE = 1e6   # flag weight: sigmoid(-1e6 + z) == 0.0 and sigmoid(1e6 + z) == 1.0 in float32
@@ -358,7 +360,6 @@ def layers_fused(cell: str, inp: torch.Tensor, reset: np.ndarray, state: State, 
     ``reset`` [B, T] bool NumPy array; ``state`` one [L, B, H] tensor per state component."""
     if fused_implementation(cell, inp.device) == "rewrite":
         return layers_rewrite(cell, inp, reset, state, layers)
-    from resetbench.torch_bptt import layers_bptt
     return layers_bptt(cell, inp, torch.from_numpy(np.ascontiguousarray(reset)).to(inp.device), state, layers)
 
 
@@ -450,7 +451,6 @@ class _ResetRNN(torch.nn.Module):
         elif self.kernel == "rewrite":
             out, final = layers_rewrite(self.cell, x, reset.detach().bool().cpu().numpy(), state, layers)
         elif self.kernel == "bptt":
-            from resetbench.torch_bptt import layers_bptt
             out, final = layers_bptt(self.cell, x, reset.bool(), state, layers)
         else:
             out, final = layers_loop(self.cell, x, reset.bool(), state, layers)

@@ -121,7 +121,8 @@ def _bad_weights(tmp_path, kind: str) -> str:
 BAD = [
     (["train.batch_size=0"], "train.batch_size=0"),
     (["tune_malloc=maybe"], "tune_malloc='maybe'"),
-    (["backend.kernel=nosuch"], "allowed for backend=torch: fused, rewrite, bptt, loop"),
+    (["backend.kernel=nosuch"], "allowed for backend=torch: "
+     + ", ".join(registry.kernel_decls(registry.backend_configs()["torch"]))),
     (["backend.kernel=native", "strategy=packed"], "backend.kernel='native': needs no_mid_reset, which "
      "strategy=packed does not guarantee; strategies that do: bucketed, padded, reset_all"),
     (["backend.kernel=peer", "strategy=reset_all"], "backend.kernel='peer': needs fresh_rows, which "
