@@ -6,9 +6,9 @@ Kernels (``backend.kernel``, recorded as ``kernel`` in ``summary.json``):
 
 - ``fused`` (default): the framework's fused kernel (``torch._VF.lstm`` / ``torch._VF.gru``, the
   ops behind ``nn.LSTM``/``nn.GRU``: oneDNN for the LSTM on the CPU, cuDNN on a GPU) on the window
-  cut into calls and rewritten with zeroing and hold steps driven by saturating flag columns (a
-  call whose busiest row has ``K`` resets past its first column costs ``K`` extra steps); a
-  window without mid-window resets is one plain fused call; a window whose rewritten outputs are
+  rewritten with zeroing and hold steps driven by saturating flag columns, the pieces between
+  resets packed across rows (a window of B rows with R mid-window resets costs about
+  ``T + R / B`` steps instead of T); a window without mid-window resets is one plain fused call; a window whose rewritten outputs are
   not finite runs again through ``loop``. Where PyTorch has no fused op for the cell (the GRU on
   a CPU) it runs ``bptt`` instead, recorded as ``kernel`` ``torch.fused.bptt``.
 - ``rewrite``: the rewrite of ``fused`` whatever the device (for the GRU on a CPU, through ATen's

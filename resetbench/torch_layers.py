@@ -8,8 +8,9 @@
   (:func:`layers_rewrite`): the window is cut in time into calls (:func:`time_chunks`: a reset at a
   call's first column is a select on the state between calls), and inside a call one *zeroing*
   step precedes each other reset and *hold* steps follow each row's last token, driven by
-  constant input columns whose +-1e6 weights saturate gates exactly (:class:`FusedPlan`,
-  :meth:`TorchCell.flagged`). A window whose rewritten outputs are not finite runs through the
+  constant input columns whose +-1e6 weights saturate gates exactly (:meth:`TorchCell.flagged`);
+  the pieces of rows between resets are packed across rows so that every row pays the mean
+  number of resets, not the busiest row's (:class:`FusedPlan`). A window whose rewritten outputs are not finite runs through the
   loop (a zeroing step multiplies the old state by 0, which keeps a NaN). Elsewhere (the GRU on a
   CPU) the ``bptt`` loop of :mod:`resetbench.torch_bptt`.
 - ``bptt`` kernel (:func:`resetbench.torch_bptt.layers_bptt`): a time loop with a hand-written
@@ -90,25 +91,89 @@ def layer_loop(cell: Callable[..., State], xp: torch.Tensor, reset: torch.Tensor
 class FusedPlan:
     """Where a window's tokens go in the rewritten window of the ``fused`` kernel (host side).
 
+    A row's tokens between two resets form a *piece*; a piece that does not start its rewritten
+    row is preceded by one zeroing step, and each row's final state comes from its last piece,
+    followed by hold steps. Each rewritten row ``b`` starts with row ``b``'s first piece (from its
+    carried state) and ends with row ``b``'s last piece; the pieces in between (*middles*) start
+    from the zero state, so they may run in any row. Every extra step costs a full step of the
+    fused op (its time is linear in the rows, measured on oneDNN: 20 us per row-step at B=32 and
+    19 at B=64, H=256), so ``balance`` moves middles out of rows longer than the others: the
+    rewritten window is ``T2 = T + ceil(resets / B)`` steps (the mean, not the busiest row's
+    count), more only where the pieces do not pack.
+
     ``reset`` [B, T] bool -> ``flat`` (index of each token in the flattened [B * T2] rewritten
     window), ``last`` (each row's last token there), ``zeroing`` and ``hold`` [B, T2] float32 (1 at
-    the inserted steps) and ``T2 = T + K`` (``K``: most mid-window resets in a row).
+    the inserted steps), ``T2``, ``K`` (most mid-window resets in a row) and ``moved`` (middles
+    moved to another row).
     """
 
-    def __init__(self, reset: np.ndarray):
+    def __init__(self, reset: np.ndarray, balance: bool = True):
         B, T = reset.shape
         mid = reset.copy()
         mid[:, 0] = False                                   # column 0: zero the initial state instead
-        self.K = int(mid.sum(axis=1).max(initial=0))
-        self.T2 = T2 = T + self.K
-        pos = np.arange(T)[None, :] + np.cumsum(mid, axis=1)        # each token shifts by the resets so far
-        self.zeroing = np.zeros((B, T2), np.float32)
-        rows, cols = np.nonzero(mid)
-        self.zeroing[rows, pos[rows, cols] - 1] = 1.0               # zeroing step just before the reset
-        self.hold = (np.arange(T2)[None, :] > pos[:, -1:]).astype(np.float32)   # after the last token
-        offset = (np.arange(B) * T2)[:, None]
-        self.flat = (pos + offset).reshape(-1)
-        self.last = pos[:, -1] + offset[:, 0]
+        k = mid.sum(axis=1)
+        self.K = int(k.max(initial=0))
+        rows, cols = np.nonzero(mid)                        # row-major: sorted by row, then column
+        pb = np.concatenate([np.arange(B), rows])           # pieces: row, first column, length
+        pa = np.concatenate([np.zeros(B, np.int64), cols])
+        order = np.lexsort((pa, pb))
+        pb, pa = pb[order], pa[order]
+        same = np.r_[pb[1:] == pb[:-1], False]
+        size = np.where(same, np.r_[pa[1:], 0], T) - pa
+        first, final = pa == 0, ~same
+        home = pb.copy()
+        T2 = T + self.K
+        if balance and self.K:
+            home, T2 = _balance(pb, size, first | final, k, T)
+        self.T2, self.moved = int(T2), int((home != pb).sum())
+        # within a rewritten row: the first piece, the row's own middles, moved middles, its last piece
+        rank = np.where(first, 0, np.where(final, 3, np.where(home == pb, 1, 2)))
+        o = np.lexsort((pa, pb, rank, home))
+        slot = np.cumsum(size[o] + 1)                       # each piece and the zeroing step before it
+        start = np.r_[0, slot[:-1]]
+        row_start = np.r_[True, home[o][1:] != home[o][:-1]]
+        off = np.empty_like(size)
+        off[o] = start - np.maximum.accumulate(np.where(row_start, start, 0))
+        self.zeroing = np.zeros((B, self.T2), np.float32)
+        self.zeroing[home[~first], off[~first] - 1] = 1.0           # zeroing step just before a piece
+        end = off[final] + size[final] - 1                          # each row's last token (rows in order)
+        self.hold = (np.arange(self.T2)[None, :] > end[:, None]).astype(np.float32)
+        self.flat = np.repeat(home * self.T2 + off - pa, size) + np.tile(np.arange(T), B)
+        self.last = np.arange(B) * self.T2 + end
+
+
+def _balance(row: np.ndarray, size: np.ndarray, fixed: np.ndarray, k: np.ndarray, T: int) -> Tuple[np.ndarray, int]:
+    """:class:`FusedPlan`'s packing: the rewritten row of each piece and the window's length.
+    ``row``, ``size``, ``fixed`` per piece (its row, length, whether it must stay: a row's first
+    and last piece), ``k`` per row (mid-window resets). Starts from the least length any packing
+    can have (the mean row, ``T + 1`` if any row resets) and grows it by one step until the
+    middles moved out of longer rows fit (largest first, each into the fullest row with room)."""
+    B = k.shape[0]
+    length = T + k                                          # steps of each row with its own pieces
+    target = max(-(-int(length.sum()) // B), T + 1)
+    movable = [np.nonzero(~fixed & (row == b))[0] for b in range(B)]
+    movable = [m[np.argsort(size[m], kind="stable")] for m in movable]     # smallest first
+    while target < int(length.max()):
+        home, left = row.copy(), length.copy()
+        moving = []
+        for b in np.nonzero(length > target)[0]:
+            for p in movable[b]:
+                if left[b] <= target:
+                    break
+                moving.append(p)
+                left[b] -= size[p] + 1
+        room = np.where(k > 0, target - left, -1)           # a row without a reset holds one piece only
+        for p in sorted(moving, key=lambda q: -size[q]):
+            fits = np.nonzero(room >= size[p] + 1)[0]
+            if fits.size == 0:
+                break
+            r = fits[np.argmin(room[fits])]
+            room[r] -= size[p] + 1
+            home[p] = r
+        else:
+            return home, target
+        target += 1
+    return row.copy(), int(length.max())
 
 
 # --------------------------------------------------------------------------- cells, fused
@@ -199,28 +264,36 @@ def layers_loop(cell: str, inp: torch.Tensor, reset: torch.Tensor, state: State,
     return inp, tuple(torch.stack(parts) for parts in zip(*finals))
 
 
-def time_chunks(reset: np.ndarray, call_cost: float, max_steps: Optional[int] = None) -> List[Tuple[int, int]]:
+def time_chunks(reset: np.ndarray, call_cost: float, max_steps: Optional[int] = None,
+                balance: bool = True) -> List[Tuple[int, int]]:
     """Cut a window's columns into chunks ``[s, e)``, one fused call each, at least cost.
 
     A reset in a chunk's first column is free (the state between calls is replaced by zeros with
-    a select); every other reset costs a zeroing step in its row, and each row of the chunk pays
-    for its busiest row: ``e - s + K(s, e)`` steps, ``K`` the most resets of a row in columns
-    ``s+1 .. e-1``. A call costs ``call_cost`` steps more (its fixed overhead, measured on this
-    CPU: ~6 steps for oneDNN's LSTM at B=32 H=256, ~1.5 at B=64 H=512). Chunks hold at most
-    ``max_steps`` rewritten steps if given (one column always fits). Exact dynamic programming
-    over cut columns, O(B T^2) on the host."""
+    a select); every other reset costs a zeroing step. A chunk of a balanced plan
+    (:class:`FusedPlan`) is ``e - s + ceil(R(s, e) / B)`` steps, ``R`` the resets in columns
+    ``s+1 .. e-1`` of all rows (the least any packing reaches: more where pieces do not pack);
+    unbalanced, ``e - s + K(s, e)``, ``K`` the most resets of one row there. A call costs
+    ``call_cost`` steps more (its fixed overhead, measured on this CPU: ~6 steps for oneDNN's LSTM
+    at B=32 H=256, ~1.5 at B=64 H=512). Chunks hold at most ``max_steps`` rewritten steps if given
+    (one column always fits). Exact dynamic programming over cut columns, O(T^2) on the host
+    (O(B T^2) unbalanced)."""
     B, T = reset.shape
     max_steps = 2 * T if max_steps is None else max_steps
-    K = int(reset[:, 1:].sum(axis=1).max(initial=0))
-    if K <= call_cost and T + K <= max_steps:      # a cut saves at most K steps and costs a call
+    mid = reset[:, 1:]
+    whole = -(-int(mid.sum()) // max(B, 1)) if balance else int(mid.sum(axis=1).max(initial=0))
+    if whole <= call_cost and T + whole <= max_steps:      # a cut saves at most that and costs a call
         return [(0, T)]
-    cs = np.zeros((B, T + 1), np.int32)
-    np.cumsum(reset, axis=1, out=cs[:, 1:])
-    # K[s, e] = max_b (resets of row b in columns s+1 .. e-1) = max_b cs[b, e] - cs[b, min(s+1, e)]
-    lo = cs[:, np.minimum(np.arange(T)[:, None] + 1, np.arange(T + 1)[None, :])]     # [B, T, T+1]
-    K = (cs[:, None, :] - lo).max(axis=0) if B else np.zeros((T, T + 1), np.int32)
     length = np.arange(T + 1)[None, :] - np.arange(T)[:, None]                          # e - s
-    steps = length + K
+    hi = np.arange(T + 1)[None, :]
+    lo = np.minimum(np.arange(T)[:, None] + 1, hi)         # resets counted in columns lo .. hi-1
+    if balance:
+        cs = np.r_[0, np.cumsum(reset.sum(axis=0))]
+        extra = -(-(cs[hi] - cs[lo]) // max(B, 1))
+    else:
+        cs = np.zeros((B, T + 1), np.int64)
+        np.cumsum(reset, axis=1, out=cs[:, 1:])
+        extra = (cs[:, hi] - cs[:, lo]).max(axis=0) if B else np.zeros((T, T + 1), np.int64)
+    steps = length + extra
     cost = np.where((length >= 1) & ((steps <= max_steps) | (length == 1)), call_cost + steps, np.inf)
     best = np.zeros(T + 1)
     prev = np.zeros(T + 1, np.int64)
@@ -242,22 +315,21 @@ def _zero_rows(rows: np.ndarray, state: State, like: torch.Tensor) -> State:
     return tuple(torch.where(r, like.new_zeros(()), s) for s in state)
 
 
-def _layers_fused(c: TorchCell, inp: torch.Tensor, reset: np.ndarray, state: State, layers: Sequence[Layer],
-                  call_cost: float, max_steps: Optional[int]):
-    """Every layer through the fused op for one group of rows, chunk by chunk of
-    :func:`time_chunks`: the resets at a chunk's first column select the zero state between
-    calls, the others are rewritten into the chunk (:class:`FusedPlan`)."""
-    outs = []
-    params = [q for p in layers for q in c.vf_params(p)]
-    for s, e in time_chunks(reset, call_cost, max_steps):
-        state = _zero_rows(reset[:, s], state, inp)
-        plan = FusedPlan(reset[:, s:e])
-        if plan.K == 0:                                  # no reset inside the chunk: one plain call
-            out, state = c.vf(inp[:, s:e], state, params, len(layers))
-        else:
-            out, state = _fused_rewritten(c, inp[:, s:e], plan, state, layers)
-        outs.append(out)
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), state
+class _Take(torch.autograd.Function):
+    """``x.index_select(0, index)`` for an index without repeats, whose backward is a copy of the
+    gradient into zeros (``index_copy``) instead of PyTorch's general ``index_add``, which took
+    ~10% of a rewritten window's forward + backward on a CPU (profiled, B=32 T=64 H=256)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros((ctx.rows,) + tuple(grad.shape[1:])).index_copy_(0, index, grad), None
 
 
 def _fused_rewritten(c: TorchCell, inp: torch.Tensor, plan: FusedPlan, state: State, layers: Sequence[Layer]):
@@ -274,59 +346,37 @@ def _fused_rewritten(c: TorchCell, inp: torch.Tensor, plan: FusedPlan, state: St
         params, cols = c.flagged(p, plan, inp)
         x, final = c.vf(torch.cat([x, cols], 2), tuple(s[layer:layer + 1] for s in state), params, 1)
         if c.name == "lstm":                             # a hold step sets h = tanh(c): take h at the last token
-            final = (x.reshape(B * plan.T2, H).index_select(0, last)[None], final[1])
+            final = (_Take.apply(x.reshape(B * plan.T2, H), last)[None], final[1])
         finals.append(tuple(s[0] for s in final))
-    out = x.reshape(B * plan.T2, H).index_select(0, flat).view(B, T, H)
+    out = _Take.apply(x.reshape(B * plan.T2, H), flat).view(B, T, H)
     return out, tuple(torch.stack(parts) for parts in zip(*finals))
 
 
-def row_groups(reset: np.ndarray, min_saving: float = 0.05) -> List[np.ndarray]:
-    """Rows to run as separate fused calls: one group, or two split by mid-window reset count
-    when that saves at least ``min_saving`` of the rewritten window's slots. Every row of a group
-    pays for the group's busiest row (``T + K`` steps), so a few busy rows would otherwise pad
-    all the others; a second call costs a pass over the weights per step, hence the threshold."""
-    B, T = reset.shape
-    k = reset[:, 1:].sum(axis=1)
-    order = np.argsort(k, kind="stable")
-    ks = k[order]
-    whole = B * (T + int(ks[-1])) if B else 0
-    if B < 2 or ks[0] == ks[-1]:
-        return [np.arange(B)]
-    split = np.arange(1, B)
-    slots = split * (T + ks[split - 1]) + (B - split) * (T + ks[-1])
-    best = int(np.argmin(slots))
-    if slots[best] > (1.0 - min_saving) * whole:
-        return [np.arange(B)]
-    cut = int(split[best])
-    return [np.sort(order[:cut]), np.sort(order[cut:])]
-
-
 def layers_rewrite(cell: str, inp: torch.Tensor, reset: np.ndarray, state: State, layers: Sequence[Layer],
-              call_cost: Optional[float] = None, max_steps: Optional[int] = None, groups: bool = True):
-    """The ``rewrite`` kernel (what ``fused`` runs where a fused op exists): every layer over a window with per-row, per-step
-    resets through the framework's recurrent op (``_VF``), rows split into the groups of :func:`row_groups` (rows are independent)
-    and time into the chunks of :func:`time_chunks`. ``inp`` [B, T, in]; ``reset`` [B, T] bool
-    (NumPy: the rewrite is planned on the host); ``state`` one [L, B, H] tensor per state
-    component; ``call_cost`` (steps; default the cell's) and ``max_steps`` tune the plan, which
-    never changes the result. A window whose outputs are not finite runs through the loop (a
-    zeroing step multiplies the old state by 0, which keeps a NaN or inf). Returns the outputs
-    and the final state."""
+                   call_cost: Optional[float] = None, max_steps: Optional[int] = None, balance: bool = True):
+    """The ``rewrite`` kernel (what ``fused`` runs where a fused op exists): every layer over a
+    window with per-row, per-step resets through the framework's recurrent op (``_VF``), time cut
+    into the chunks of :func:`time_chunks`, each chunk rewritten by a :class:`FusedPlan` (the
+    resets at a chunk's first column select the zero state between calls). ``inp`` [B, T, in];
+    ``reset`` [B, T] bool (NumPy: the rewrite is planned on the host); ``state`` one [L, B, H]
+    tensor per state component; ``call_cost`` (steps; default the cell's), ``max_steps`` and
+    ``balance`` tune the plan, which never changes the result. A window whose outputs are not
+    finite runs through the loop (a zeroing step multiplies the old state by 0, which keeps a NaN
+    or inf). Returns the outputs and the final state."""
     c = CELLS[cell]
     cost = c.call_cost if call_cost is None else float(call_cost)
-    rows = row_groups(reset) if groups else [np.arange(reset.shape[0])]
-    if len(rows) == 1:
-        out, final = _layers_fused(c, inp, reset, state, layers, cost, max_steps)
-    else:
-        outs, finals = [], []
-        for g in rows:
-            idx = torch.from_numpy(g).to(inp.device)
-            o, f = _layers_fused(c, inp.index_select(0, idx), reset[g], tuple(s.index_select(1, idx) for s in state),
-                                 layers, cost, max_steps)
-            outs.append(o)
-            finals.append(f)
-        inv = torch.from_numpy(np.argsort(np.concatenate(rows))).to(inp.device)
-        out = torch.cat(outs).index_select(0, inv)
-        final = tuple(torch.cat(parts, 1).index_select(1, inv) for parts in zip(*finals))
+    outs = []
+    params = [q for p in layers for q in c.vf_params(p)]
+    final = state
+    for s, e in time_chunks(reset, cost, max_steps, balance):
+        final = _zero_rows(reset[:, s], final, inp)
+        plan = FusedPlan(reset[:, s:e], balance)
+        if plan.K == 0:                                  # no reset inside the chunk: one plain call
+            out, final = c.vf(inp[:, s:e], final, params, len(layers))
+        else:
+            out, final = _fused_rewritten(c, inp[:, s:e], plan, final, layers)
+        outs.append(out)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
     if not _finite(out, final):
         return layers_loop(cell, inp, torch.from_numpy(reset).to(inp.device), state, layers)
     return out, final

@@ -67,19 +67,43 @@ def test_baseline_kernel_names():
     assert make_backend("torch", SPEC, w, SGD, 2, kernel="peer").kernel == "torch.peer.pack_padded_sequence"
 
 
-def test_row_groups_split_off_busy_rows_only_when_it_pays():
-    from resetbench.torch_layers import row_groups
-    reset = np.zeros((8, 32), bool)
-    assert [g.tolist() for g in row_groups(reset)] == [list(range(8))]          # nothing resets
-    reset[3, 1:20] = True                                                      # one busy row
-    groups = row_groups(reset)
-    assert [g.tolist() for g in groups] == [[0, 1, 2, 4, 5, 6, 7], [3]]
-    even = np.zeros((8, 32), bool)
-    even[:, 5] = True                                                          # same count everywhere
-    assert len(row_groups(even)) == 1
-    few = np.zeros((8, 32), bool)
-    few[0, 4] = True                                                           # saves < 5% of slots
-    assert len(row_groups(few)) == 1
+def test_balanced_plan_packs_rows_to_the_mean_and_keeps_every_token():
+    """:class:`FusedPlan` with ``balance``: middles leave a busy row, the window is ``T + ceil(resets
+    / B)`` steps where the pieces pack, every token has its own slot, a zeroing step precedes
+    every piece that does not start its row, each row starts with its own first piece and ends
+    with its own last piece (then only hold steps)."""
+    from resetbench.torch_layers import FusedPlan
+    rng = np.random.default_rng(7)
+    busy = np.zeros((8, 32), bool)
+    busy[3, 1:20] = True                                     # one busy row: 19 resets, 18 middles
+    busy[[0, 1, 2, 4, 5, 6, 7], 9] = True                   # the others: one each (33 steps, room for middles)
+    cases = [busy] + [rng.random((B, T)) < d for B, T, d in ((32, 64, 0.03), (32, 64, 0.3), (5, 9, 0.6))]
+    for reset in cases:
+        B, T = reset.shape
+        resets = int(reset[:, 1:].sum())
+        plan, plain = FusedPlan(reset), FusedPlan(reset, balance=False)
+        assert plain.T2 == T + plain.K and plain.moved == 0
+        assert T + max(-(-resets // B), 1) <= plan.T2 <= plain.T2
+        flat = plan.flat.reshape(B, T)
+        assert len(set(plan.flat.tolist())) == B * T                         # one slot per token
+        row, col = np.divmod(flat, plan.T2)
+        assert (row[:, 0] == np.arange(B)).all() and (col[:, 0] == 0).all()   # own first piece first
+        assert (row[:, -1] == np.arange(B)).all() and (plan.last == flat[:, -1]).all()
+        starts = reset.copy()
+        starts[:, 0] = False
+        new_piece = np.zeros_like(starts)
+        new_piece[:, 1:] = (row[:, 1:] != row[:, :-1]) | (col[:, 1:] != col[:, :-1] + 1)
+        assert (new_piece == starts).all()                 # pieces are contiguous, and split only at resets
+        z = plan.zeroing.reshape(-1)
+        assert (z[flat[starts]] == 0).all() and (z[flat[starts] - 1] == 1).all()
+        assert z.sum() == starts.sum() and (plan.hold.reshape(-1)[plan.flat] == 0).all()
+        for b in range(B):                                  # after a row's last token: hold steps only
+            end = plan.last[b] - b * plan.T2
+            assert (plan.hold[b, end + 1:] == 1).all() and (plan.zeroing[b, end + 1:] == 0).all()
+    # the mean row is 32 + ceil(26 / 8) = 36, but the 18 middles (1 token + 1 zeroing step each) then
+    # need 8 moves and seven rows with 3 free steps take one each; at 37, 7 moves into 2 each fit
+    plan = FusedPlan(busy)
+    assert (plan.T2, plan.moved) == (37, 7)
 
 
 def _float64_layers(cell: str, B: int, E: int, H: int, L: int, seed: int):
@@ -109,18 +133,18 @@ def _outputs_and_gradients(fn, x, state, layers, seed):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("plan", ["cut_everywhere", "default", "never_cut", "short_calls", "one_group"])
+@pytest.mark.parametrize("plan", ["cut_everywhere", "default", "never_cut", "short_calls", "unbalanced"])
 def test_rewrite_and_bptt_match_the_loop_for_every_plan(cell, plan):
     """The rewrite (``fused`` where a fused op exists) and ``bptt`` against the loop kernel in
     float64 (outputs, final state, every gradient incl. the carried state's), on windows with
     resets at column 0, adjacent, in the last column, at every step, and densities up to 0.7,
-    two layers; each plan of time chunks and row groups is exercised (the plan must never change
+    two layers; each plan of time chunks, balanced or not, is exercised (the plan must never change
     the result), so a wrong chunk boundary or hold step fails."""
     import torch
     from resetbench.torch_bptt import layers_bptt
     from resetbench.torch_layers import layers_loop, layers_rewrite, time_chunks
     options = {"cut_everywhere": dict(call_cost=0.0), "default": {}, "never_cut": dict(call_cost=1e9),
-               "short_calls": dict(max_steps=3), "one_group": dict(groups=False)}[plan]
+               "short_calls": dict(max_steps=3), "unbalanced": dict(balance=False)}[plan]
     B, T, E, H = 6, 17, 5, 4
     layers, state = _float64_layers(cell, B, E, H, 2, seed=50)
     rng = np.random.default_rng(51)
@@ -147,8 +171,11 @@ def test_rewrite_and_bptt_match_the_loop_for_every_plan(cell, plan):
     assert chunked, "the plan never cut a window: the test would not exercise chunks"
 
 
-def test_time_chunks_is_the_cheapest_plan():
-    """The dynamic programme against brute force over every set of cut columns (T = 9)."""
+@pytest.mark.parametrize("balance", [True, False])
+def test_time_chunks_is_the_cheapest_plan(balance):
+    """The dynamic programme against brute force over every set of cut columns (T = 9), with the
+    balanced plan's chunk length (``ceil`` of the resets over the rows) and the unbalanced one's
+    (the busiest row's resets)."""
     import itertools
     from resetbench.torch_layers import time_chunks
     rng = np.random.default_rng(53)
@@ -156,7 +183,8 @@ def test_time_chunks_is_the_cheapest_plan():
     def cost(reset, chunks, call_cost, max_steps):
         total = 0.0
         for s, e in chunks:
-            k = int(reset[:, s + 1:e].sum(axis=1).max(initial=0))
+            inside = reset[:, s + 1:e]
+            k = -(-int(inside.sum()) // reset.shape[0]) if balance else int(inside.sum(axis=1).max(initial=0))
             if e - s + k > max_steps and e - s > 1:
                 return np.inf
             total += call_cost + e - s + k
@@ -168,7 +196,7 @@ def test_time_chunks_is_the_cheapest_plan():
         call_cost, max_steps = [0.25, 1.5, 4.0][trial % 3], [64, 6, 3][trial // 4]
         best = min(cost(reset, list(zip((0,) + cuts, cuts + (T,))), call_cost, max_steps)
                    for n in range(T) for cuts in itertools.combinations(range(1, T), n))
-        chunks = time_chunks(reset, call_cost, max_steps)
+        chunks = time_chunks(reset, call_cost, max_steps, balance)
         assert chunks[0][0] == 0 and chunks[-1][1] == T and all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
         assert cost(reset, chunks, call_cost, max_steps) == pytest.approx(best)
 
@@ -181,3 +209,17 @@ def test_fused_runs_bptt_only_where_pytorch_has_no_fused_op():
     lstm = make_backend("torch", SPEC, tiny_weights(0, SPEC), SGD, 2, kernel="fused")
     import torch
     assert lstm.kernel == ("torch.fused" if torch.backends.mkldnn.is_available() else "torch.fused.bptt")
+
+
+def test_fused_rows_benchmark_reports_each_shape(capsys):
+    """``benchmarks.fused_rows`` (the README's per-row cost of the fused op): one line per (H, B)
+    with a positive time, the environment first; bad input is one line naming the value."""
+    from benchmarks import fused_rows
+    assert fused_rows.main(["--hidden", "8", "--rows", "2,4", "--steps", "3", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert '"torch_version"' in out[0] and "load_average" in out[0]
+    rows = [line for line in out if line.startswith("H=8 ")]
+    assert [r.split(":")[0] for r in rows] == ["H=8 B=2", "H=8 B=4"]
+    assert all(float(r.split(": ")[1].split()[0]) > 0 for r in rows)
+    with pytest.raises(SystemExit, match="--rows='2,x'"):
+        fused_rows.main(["--rows", "2,x"])
