@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.resetbench-installed
-EXTRAS ?= all,dev
+EXTRAS ?= all,dev,peers
 ARGS   ?=
 
 .PHONY: setup bench test docs plots tables kernels study sweeps exercise clean-venv

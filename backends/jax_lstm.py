@@ -31,6 +31,10 @@ for every kernel): the eval layout is packed streams with mid-window resets, whi
 cannot consume, and the eval loss must not depend on the training kernel. flax is imported only by
 the baselines.
 
+- ``haiku`` (role ``peer_reset``: another library's reset-aware layer, the same semantics as
+  ``scan``): ``hk.dynamic_unroll(hk.ResetCore(hk.LSTM(H)))`` on the canonical weights
+  (:mod:`backends.haiku_peer`; needs the ``peers`` extra). Trains only, like the baselines.
+
 Option ``unroll``: the time loop's unroll factor (``lax.scan`` / ``nn.RNN``), recorded in ``kernel``.
 
 Option ``hoist`` (``scan`` only, recorded as ``jax.scan.hoisted``): project the whole window's
@@ -56,6 +60,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from resetbench.jax_layers import State, gru_layer, gru_layer_vjp, lstm_layer, lstm_layer_vjp  # noqa: E402
+from backends.haiku_peer import haiku_layers  # noqa: E402  (imports haiku only when the kernel runs)
 from backends.base import Backend, Batch, ConfigError, ModelSpec, OptimizerSpec  # noqa: E402
 
 Params = Dict[str, jax.Array]
@@ -65,7 +70,8 @@ FLAX_KERNELS = ("native", "peer")           # the kernels built on flax (importe
 # before any .unrollN suffix
 KERNEL_NAMES = {"scan": "jax.scan", "scan.hoisted": "jax.scan.hoisted", "scan.autodiff": "jax.scan.autodiff",
                 "native": "jax.native.flax_{CELL}",
-                "peer": "jax.peer.flax_rnn_seq_lengths"}
+                "peer": "jax.peer.flax_rnn_seq_lengths",
+                "haiku": "jax.peer_reset.haiku_ResetCore_LSTM"}
 FLAX_CELLS = {"lstm": "OptimizedLSTMCell", "gru": "GRUCell"}
 
 
@@ -148,7 +154,8 @@ LAYER_STACKS: Dict[str, Callable] = {"scan": scan_layers,
                                      "scan.hoisted": functools.partial(scan_layers, hoist=True),
                                      "scan.autodiff": functools.partial(scan_layers, autodiff=True),
                                      "native": flax_layers,
-                                     "peer": functools.partial(flax_layers, lengths=True)}
+                                     "peer": functools.partial(flax_layers, lengths=True),
+                                     "haiku": haiku_layers}
 
 
 def logits_fn(params: Params, state: State, x: jax.Array, reset: jax.Array, layers: int, unroll: int,
@@ -396,6 +403,9 @@ class JaxBackend(Backend):
             import flax
 
             out["flax"] = flax.__version__
+        if self._kernel == "haiku":
+            from backends.haiku_peer import versions
+            out.update(versions())
         return out
 
     def matmul(self, m: int, k: int, n: int):

@@ -26,6 +26,9 @@ Kernels (``backend.kernel``, recorded as ``kernel`` in ``summary.json``):
   checked for the layout properties the kernel declares (``needs``). Both train only;
   ``eval_step`` runs ``self.eval_kernel`` (the default, exact ``fused``) on the same weights,
   because evaluation feeds packed eval streams (every sequence from a zero state) to every kernel.
+- ``torchrl`` (role ``peer_reset``: another library's reset-aware layer, the same semantics as the
+  exact kernels): TorchRL's ``LSTMModule`` / ``GRUModule`` in recurrent mode with ``is_init``
+  (:mod:`backends.torchrl_peer`; needs the ``peers`` extra). Trains only, like the baselines.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ from backends.base import Backend, Batch, ConfigError, ModelSpec, OptimizerSpec,
 # the kernels this adapter implements (backend.kernel) -> the name recorded as ``kernel``
 KERNEL_NAMES = {"fused": "torch.fused", "rewrite": "torch.rewrite", "bptt": "torch.bptt", "loop": "torch.loop",
                 "compile": "torch.compile",
-                "native": "torch.native.nn_{CELL}", "peer": "torch.peer.pack_padded_sequence"}
+                "native": "torch.native.nn_{CELL}", "peer": "torch.peer.pack_padded_sequence",
+                "torchrl": "torch.peer_reset.torchrl_{CELL}Module"}
 _COMPILED: Dict[str, Any] = {}
 
 
@@ -128,6 +132,9 @@ class TorchBackend(Backend):
                                self._loop if kernel == "compile" else None)
         if kernel == "peer":
             return layers_packed(cell, inp, row_lengths(batch), self.state, layers)
+        if kernel == "torchrl":                          # TorchRL's module, imported only for this kernel
+            from backends.torchrl_peer import layers_torchrl
+            return layers_torchrl(cell, inp, batch.reset, self.state, layers)
         if kernel == "bptt":
             return layers_bptt(cell, inp, torch.from_numpy(batch.reset).to(self.dev), self.state, layers)
         if kernel in ("rewrite", "native"):              # native: nn.LSTM's / nn.GRU's own op, whatever the device
@@ -247,7 +254,11 @@ class TorchBackend(Backend):
         return None
 
     def versions(self) -> Dict[str, str]:
-        return {"torch": torch.__version__, "numpy": np.__version__}
+        out = {"torch": torch.__version__, "numpy": np.__version__}
+        if self.kernel_option == "torchrl":
+            from backends.torchrl_peer import versions
+            out.update(versions())
+        return out
 
     def matmul(self, m: int, k: int, n: int):
         a, b = torch.randn(m, k, device=self.dev), torch.randn(k, n, device=self.dev)

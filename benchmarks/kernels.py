@@ -21,6 +21,8 @@ imports no framework. It writes
 
 Each kernel runs the densities whose batches have the layout properties it ``needs`` (a kernel
 with ``no_mid_reset`` runs density 0 only: fresh full-length rows, no resets after column 0). A
+kernel whose packages (``requires``: the ``peer_reset`` kernels of other libraries, the ``peers``
+extra) are not installed is skipped with a one-line note. A
 worker that fails or leaves a kernel without rows makes the command exit 1 with one line naming
 the backend, after writing the rows that did come. Speed lives here, never in tests. ``--quick``
 is a tiny grid for smoke tests.
@@ -375,7 +377,10 @@ def measure(args: argparse.Namespace, env: dict) -> Tuple[List[dict], List[str]]
     rows: List[dict] = []
     failures: List[str] = []
     for b in args.backends:
-        kernels = _kernels_for(b, args.chosen)
+        kernels, cfg = _kernels_for(b, args.chosen), registry.backend_configs()[b]
+        for k in [k for k in kernels if registry.kernel_missing(cfg, k)]:   # another library's, not installed
+            print(f"[{b}] skipped kernel {k}: {registry.kernel_missing_reason(cfg, k)}", flush=True)
+            kernels.remove(k)
         print(f"[{b}] kernels {', '.join(kernels)} ...", flush=True)
         t0 = time.perf_counter()
         code, got, tail = run_worker(args, b, kernels)

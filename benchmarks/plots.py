@@ -32,6 +32,7 @@ import pandas as pd  # noqa: E402
 from benchmarks import registry  # noqa: E402
 from benchmarks.study_report import format_ranking, plot_study_curves, ranking  # noqa: E402
 
+RESET_AWARE = ("exact", "peer_reset")   # the kernel roles drawn against reset density (kernels_figure)
 PEER = "peer"   # the pseudo-strategy of runs of a framework's own variable-length baseline (see select)
 # by sorted name: packed, padded, peer, reset_all keep their colors (then the rest of tab10), and
 # jax, keras, numpy, torch their markers; names past the end of a palette cycle through it
@@ -63,7 +64,7 @@ def _truthy(col: pd.Series) -> pd.Series:
 
 
 def roles(df: pd.DataFrame) -> pd.Series:
-    """Each row's kernel role (``kernel_role``: exact, native, peer, from the backend's declaration).
+    """Each row's kernel role (``kernel_role``: exact, native, peer, peer_reset, from the backend's declaration).
     Tables written before the column existed: ``peer`` for a ``kernel`` label with ``.peer.``,
     ``native`` for one with ``.native.`` or a ``kernel_option`` of ``native``, else ``exact``."""
     role = df["kernel_role"] if "kernel_role" in df.columns else pd.Series(np.nan, index=df.index, dtype=object)
@@ -442,17 +443,26 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+# reset-aware kernels of other libraries (role peer_reset): square hollow markers, thinner lines and
+# a "peer_reset:" label, so they read apart from this project's exact kernels
+PEER_RESET_STYLE = {"marker": "s", "markerfacecolor": "none", "lw": 1.0}
+
+
 def _density_lines(ax, rows: pd.DataFrame, column: str, shapes, colors: Dict) -> None:
-    """One line per (backend, kernel) and shape: ``column`` against reset density (in %)."""
+    """One line per (backend, kernel) and shape: ``column`` against reset density (in %); rows
+    with role ``peer_reset`` drawn as :data:`PEER_RESET_STYLE`."""
     styles = ["-", "--", ":", "-."]
     rows = rows.assign(cell=rows["cell"].fillna("lstm") if "cell" in rows.columns else "lstm")
-    for (backend, kernel, cell), g in rows.groupby(["backend", "kernel", "cell"]):
+    if "role" not in rows.columns:
+        rows = rows.assign(role="exact")
+    for (backend, kernel, cell, role), g in rows.groupby(["backend", "kernel", "cell", "role"]):
         color = colors.setdefault((backend, kernel, cell), f"C{len(colors) % 10}")
+        style, tag = (PEER_RESET_STYLE, "peer_reset: ") if role == "peer_reset" else ({"marker": "o"}, "")
         for shape, ls in zip(shapes, styles):
             sub = g[(g["B"] == shape[0]) & (g["T"] == shape[1]) & (g["H"] == shape[2])].sort_values("density")
             if len(sub):
-                ax.plot(sub["density"] * 100, sub[column].astype(float), ls, marker="o", color=color,
-                        label=f"{kernel} {cell.upper()} B{shape[0]} T{shape[1]} H{shape[2]}")
+                ax.plot(sub["density"] * 100, sub[column].astype(float), ls, color=color, **style,
+                        label=f"{tag}{kernel} {cell.upper()} B{shape[0]} T{shape[1]} H{shape[2]}")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlim(0, rows["density"].max() * 100 * 1.1 + 0.1)
     ax.set_xlabel("reset density (% of positions)")
@@ -460,17 +470,19 @@ def _density_lines(ax, rows: pd.DataFrame, column: str, shapes, colors: Dict) ->
 
 
 def _peak_panel(ax, ker: pd.DataFrame, mm: pd.DataFrame) -> None:
-    """Bars: useful model FLOP/s as a share of the best matmul peak, exact kernels at 3% resets and
-    the baselines (no resets)."""
-    baseline = ker["role"] != "exact"
+    """Bars: useful model FLOP/s as a share of the best matmul peak, the reset-aware kernels at 3%
+    resets (exact C1, other libraries' ``peer_reset`` C2) and the baselines (no resets, C0)."""
+    baseline = ker["role"].isin(["native", "peer"])
     at3 = ker[(ker["density"].round(4) == 0.03) | baseline]
-    labels, vals = [], []
+    labels, vals, bar_colors = [], [], []
     for r in at3.sort_values(["backend", "B", "kernel"]).itertuples():
-        tag = "no resets" if r.role != "exact" else "3% resets"
+        tag = "no resets" if r.role in ("native", "peer") else "3% resets"
         cell = str(getattr(r, "cell", "lstm") or "lstm")
-        labels.append(f"{r.kernel} {cell.upper()} ({tag}) B{r.B} T{r.T} H{r.H}")
+        labels.append(("peer_reset: " if r.role == "peer_reset" else "")
+                      + f"{r.kernel} {cell.upper()} ({tag}) B{r.B} T{r.T} H{r.H}")
         vals.append(r.peak_fraction * 100)
-    ax.barh(range(len(vals)), vals, color=["C0" if "no resets" in l else "C1" for l in labels])
+        bar_colors.append("C0" if tag == "no resets" else ("C2" if r.role == "peer_reset" else "C1"))
+    ax.barh(range(len(vals)), vals, color=bar_colors)
     ax.set_yticks(range(len(vals)), labels, fontsize=6)
     ax.axvline(60, color="red", ls="--", lw=0.8, label="target 60%")
     if len(mm):
@@ -494,7 +506,8 @@ def _ratio_panel(ax, rows: pd.DataFrame, shapes, colors: Dict, scope: str, ylabe
 
 
 def kernels_figure(kernels, matmul, path: str) -> str:
-    """``kernels.png`` from ``python -m benchmarks.kernels``: each exact (reset-aware) kernel's
+    """``kernels.png`` from ``python -m benchmarks.kernels``: each reset-aware kernel's (role
+    ``exact``, and other libraries' ``peer_reset``, drawn apart: :data:`PEER_RESET_STYLE`)
     tokens/s over its framework's ``native`` kernel (same shape) against reset density, with the
     0.9x target, for the full train step and (rows with ``scope`` layer) the layers alone; the absolute tokens/s of backends that declare no ``native`` kernel; and useful
     model FLOP/s as a share of the best measured matmul peak. Roles come from ``kernel_role``
@@ -507,9 +520,9 @@ def kernels_figure(kernels, matmul, path: str) -> str:
     scope = ker["scope"].fillna("step") if "scope" in ker.columns else pd.Series("step", index=ker.index)
     layer, ker = ker[scope == "layer"], ker[scope == "step"]      # tables before layer rows: all steps
     mm = pd.DataFrame(matmul) if matmul is not None else pd.DataFrame()
-    exact = ker[ker["role"] == "exact"]
+    exact = ker[ker["role"].isin(RESET_AWARE)]
     ratio = exact[exact["reset_cost_ratio"].notna()]
-    layer_ratio = layer[(layer["role"] == "exact") & layer["reset_cost_ratio"].notna()]
+    layer_ratio = layer[layer["role"].isin(RESET_AWARE) & layer["reset_cost_ratio"].notna()]
     absolute = exact[~exact["backend"].isin(ratio["backend"])]
     panels = [p for p, rows in (("ratio", ratio), ("layer", layer_ratio), ("absolute", absolute)) if len(rows)]
     panels.append("peak")

@@ -25,8 +25,10 @@ CONF_DIR = os.path.join(ROOT, "conf")
 # the kernel declarations below; ``oracle``: the neutral judge, left out of default timed runs)
 META_KEYS = ("name", "_target_", "requires", "kernels", "oracle", "schema", "guarantees")
 # what a kernel declaration's ``role`` may be (docs/spec.md section 7)
-ROLES = ("exact", "native", "peer")
-DECL_KEYS = ("role", "cells", "needs", "slow_to_build", "description")
+ROLES = ("exact", "native", "peer", "peer_reset")
+DECL_KEYS = ("role", "cells", "needs", "requires", "slow_to_build", "description")
+# where the packages of kernels that declare ``requires`` come from (pyproject.toml)
+KERNEL_EXTRA = "peers"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,15 +36,18 @@ class KernelDecl:
     """One value of ``backend.kernel`` as its backend's file declares it under ``kernels:``.
 
     ``role``: ``exact`` (reset-aware, conformance-tested), ``native`` (the framework's own no-reset
-    layer: the kernel benchmark's reference) or ``peer`` (its variable-length path); ``cells``: the
-    cells it implements; ``needs``: the layout properties it requires (a strategy's
-    ``guarantees``); ``slow_to_build``: minutes of compilation per shape (left out of the shared
-    conformance suite and of the kernel benchmark's default)."""
+    layer: the kernel benchmark's reference), ``peer`` (its variable-length path) or
+    ``peer_reset`` (another library's reset-aware layer: exact semantics, conformance-tested like
+    ``exact``, trains only); ``cells``: the cells it implements; ``needs``: the layout properties
+    it requires (a strategy's ``guarantees``); ``requires``: modules it needs beyond its backend's
+    (the ``peers`` extra); ``slow_to_build``: minutes of compilation per shape (left out of the
+    shared conformance suite and of the kernel benchmark's default)."""
 
     name: str
     role: str
     cells: Tuple[str, ...]
     needs: Tuple[str, ...] = ()
+    requires: Tuple[str, ...] = ()
     slow_to_build: bool = False
     description: str = ""
 
@@ -55,8 +60,12 @@ def _decl(backend: str, name: str, entry: Any) -> KernelDecl:
     unknown = sorted(set(entry) - set(DECL_KEYS))
     if unknown:
         raise ValueError(f"{where}: unknown key {unknown[0]!r} (keys: {', '.join(DECL_KEYS)})")
+    requires = entry.get("requires") or []
+    if not isinstance(requires, list) or not all(isinstance(m, str) and m for m in requires):
+        raise ValueError(f"{where}: requires must be a list of module names, got {requires!r}")
     return KernelDecl(name=str(name), role=str(entry["role"]), cells=tuple(entry.get("cells") or ()),
-                      needs=tuple(entry.get("needs") or ()), slow_to_build=bool(entry.get("slow_to_build", False)),
+                      needs=tuple(entry.get("needs") or ()), requires=tuple(requires),
+                      slow_to_build=bool(entry.get("slow_to_build", False)),
                       description=str(entry.get("description") or ""))
 
 
@@ -190,12 +199,30 @@ def missing_requirements(cfg: Mapping[str, Any]) -> list:
     return [m for m in cfg.get("requires", []) or [] if importlib.util.find_spec(m) is None]
 
 
+def kernel_missing(cfg: Mapping[str, Any], kernel: str) -> list:
+    """The modules kernel ``kernel`` of backend ``cfg`` declares (``requires``) that are not
+    importable; [] for an undeclared kernel (:func:`kernel_decl` reports that)."""
+    decl = kernel_decls(cfg).get(kernel)
+    return [m for m in (decl.requires if decl else ()) if importlib.util.find_spec(m) is None]
+
+
+def kernel_missing_reason(cfg: Mapping[str, Any], kernel: str) -> str:
+    """Why ``kernel`` cannot run here, in a few words ('' when it can)."""
+    missing = kernel_missing(cfg, kernel)
+    return f"needs {', '.join(missing)}, not installed: pip install -e '.[{KERNEL_EXTRA}]'" if missing else ""
+
+
 def check_installed(cfg: Mapping[str, Any]) -> None:
+    """ConfigError (one line) if the backend's modules, or those of its configured ``kernel``, are
+    not installed."""
     missing = missing_requirements(cfg)
     if missing:
         name = cfg.get("name")
         raise ConfigError("backend", name, f"needs {', '.join(missing)}, which is not installed: "
                           f"pip install -e '.[{name}]' (or make setup)")
+    kernel = cfg.get("kernel")
+    if isinstance(kernel, str) and kernel_missing(cfg, kernel):
+        raise ConfigError("backend.kernel", kernel, kernel_missing_reason(cfg, kernel))
 
 
 def backend_class(cfg: Mapping[str, Any]) -> type:
@@ -214,4 +241,7 @@ def build_backend(cfg: Mapping[str, Any], spec: ModelSpec, weights: Mapping, opt
     options.update(overrides)
     options["kernel"] = options.get("kernel", cfg.get("kernel"))
     facts = kernel_facts(cfg, options["kernel"])
+    if kernel_missing(cfg, options["kernel"]):
+        raise ConfigError("backend.kernel", options["kernel"],
+                          kernel_missing_reason(cfg, options["kernel"]))
     return backend_class(cfg)(spec, weights, optimizer, batch_size, device=device, **options, **facts)

@@ -24,15 +24,19 @@ def backend_names(include_oracle: bool = False):
     return [n for n in sorted(configs) if include_oracle or not registry.is_oracle(configs[n])]
 
 
+# the roles whose kernels obey the reset rule everywhere: checked against the oracle on every layout
+RESET_AWARE = ("exact", "peer_reset")
+
+
 def backend_variants():
-    """``"backend:kernel:cell"`` for every exact (reset-aware) kernel each registered backend
-    declares and every cell it runs, except kernels ``slow_to_build`` (minutes of compilation per
-    window shape: their own test files run the oracle parity on one shape, e.g.
-    tests/test_torch_kernels.py)."""
+    """``"backend:kernel:cell"`` for every reset-aware kernel (role ``exact``, or ``peer_reset``:
+    another library's) each registered backend declares and every cell it runs, except kernels
+    ``slow_to_build`` (minutes of compilation per window shape: their own test files run the
+    oracle parity on one shape, e.g. tests/test_torch_kernels.py)."""
     out = []
     for name in backend_names():
         decls = registry.kernel_decls(registry.backend_configs()[name])
-        out += [f"{name}:{k}:{cell}" for k, d in decls.items() if d.role == "exact" and not d.slow_to_build
+        out += [f"{name}:{k}:{cell}" for k, d in decls.items() if d.role in RESET_AWARE and not d.slow_to_build
                 for cell in d.cells]
     return out
 
@@ -52,7 +56,8 @@ def make_variant(variant: str, spec: ModelSpec, weights, optimizer: OptimizerSpe
 
 
 def make_backend(name: str, spec: ModelSpec, weights, optimizer: OptimizerSpec, batch_size: int, **kw):
-    """Build a registered backend on the CPU. A missing framework skips the test, except under
+    """Build a registered backend on the CPU. A missing framework, or a missing package of the
+    kernel (``requires`` in its declaration), skips the test, except under
     RESETBENCH_REQUIRE_ALL=1 (CI), where it fails."""
     cfg = registry.backend_configs()[name]
     missing = registry.missing_requirements(cfg)
@@ -60,6 +65,12 @@ def make_backend(name: str, spec: ModelSpec, weights, optimizer: OptimizerSpec, 
         if REQUIRE_ALL:
             pytest.fail(f"backend {name} needs {missing} (RESETBENCH_REQUIRE_ALL=1)")
         pytest.skip(f"backend {name} needs {missing}")
+    kernel = kw.get("kernel")
+    if isinstance(kernel, str) and registry.kernel_missing(cfg, kernel):
+        reason = f"{name} kernel {kernel} {registry.kernel_missing_reason(cfg, kernel)}"
+        if REQUIRE_ALL:
+            pytest.fail(f"{reason} (RESETBENCH_REQUIRE_ALL=1)")
+        pytest.skip(reason)
     return registry.build_backend(cfg, spec, weights, optimizer, batch_size, device="cpu", **kw)
 
 

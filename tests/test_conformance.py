@@ -1,6 +1,7 @@
 """Backend conformance: every registered adapter against the NumPy oracle, in float32 tolerance.
 
-Parametrized over ``conf/backend/*.yaml``, every kernel with role ``exact`` each declares (except
+Parametrized over ``conf/backend/*.yaml``, every kernel with role ``exact`` or ``peer_reset`` (another
+library's reset-aware layer, skipped when its package is not installed) each declares (except
 those ``slow_to_build``) and every cell the kernel runs (its ``cells``): adding a backend, a kernel
 or a cell adds it here. Every batch has
 mid-window resets and starts from a carried (non-zero) state.

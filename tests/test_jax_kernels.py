@@ -185,7 +185,7 @@ def test_kernel_config_and_names():
     cfg = registry.backend_configs()["jax"]
     assert cfg["kernel"] == "scan"
     assert {k: d.role for k, d in registry.kernel_decls(cfg).items()} == {"scan": "exact", "native": "native",
-                                                                          "peer": "peer"}
+                                                                          "peer": "peer", "haiku": "peer_reset"}
     w = tiny_weights(0, SPEC)
     expected = [("scan", 1, "jax.scan"), ("native", 1, "jax.native.flax_OptimizedLSTMCell"),
                 ("peer", 1, "jax.peer.flax_rnn_seq_lengths"),
