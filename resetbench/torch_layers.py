@@ -8,7 +8,8 @@
   (:func:`layers_rewrite`): the window is cut in time into calls (:func:`time_chunks`: a reset at a
   call's first column is a select on the state between calls), and inside a call one *zeroing*
   step precedes each other reset and *hold* steps follow each row's last token, driven by
-  constant input columns whose +-1e6 weights saturate gates exactly (:meth:`TorchCell.flagged`);
+  constant input columns whose +-1e6 weights saturate gates exactly (:meth:`TorchCell.flagged`,
+  :meth:`TorchCell.flag_columns`);
   the pieces of rows between resets are packed across rows so that every row pays the mean
   number of resets, not the busiest row's (:class:`FusedPlan`). A window whose rewritten outputs are not finite runs through the
   loop (a zeroing step multiplies the old state by 0, which keeps a NaN). Elsewhere (the GRU on a
@@ -217,30 +218,35 @@ class TorchCell:
         out, h = torch._VF.gru(data, batch_sizes, state[0], params, True, layers, 0.0, train, False)
         return out, (h,)
 
-    def flagged(self, p: Layer, plan: FusedPlan, like: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        """The layer's ``_VF`` parameters with extra input columns, and those columns [B, T2, k]
-        for the rewritten window. LSTM: a zeroing column (i = f = 0, so c = h = 0) and a hold
-        column (i = 0, f = o = 1: c carried). GRU: a zeroing column (r = z = 0, so h = tanh of n's
-        input part), a hold column (z = 1: h carried) and a column carrying the input-side bias of
-        n, which is 0 on zeroing steps (so n's pre-activation there is exactly 0, and h = 0)."""
+    def flag_columns(self, plan: FusedPlan, like: torch.Tensor) -> torch.Tensor:
+        """The extra input columns of the rewritten window, [B * T2, k] (every layer's). LSTM: a
+        zeroing column and a hold column; GRU: those and a column that is 1 except on zeroing
+        steps (it carries the input-side bias of n; see :meth:`flagged`)."""
+        cols = [plan.zeroing, plan.hold] + ([1.0 - plan.zeroing] if self.name == "gru" else [])
+        return torch.from_numpy(np.stack([c.reshape(-1) for c in cols], 1)).to(like.device, like.dtype)
+
+    def flagged(self, p: Layer) -> List[torch.Tensor]:
+        """The layer's ``_VF`` parameters with the weights of :meth:`flag_columns` appended to
+        ``weight_ih``. LSTM: zeroing (i = f = 0, so c = h = 0), hold (i = 0, f = o = 1: c carried).
+        GRU: zeroing (r = z = 0, so h = tanh of n's input part), hold (z = 1: h carried), and n's
+        input-side bias as the third column's weight (``bias_ih``'s n block is 0), so that on a
+        zeroing step n's pre-activation is exactly 0, and h = 0."""
         H = p["w_h"].shape[0]
-        zeroing = torch.from_numpy(plan.zeroing).to(like.device, like.dtype)
-        hold = torch.from_numpy(plan.hold).to(like.device, like.dtype)
         params = self.vf_params(p)
-        w = like.new_zeros(self.gates * H, 2)
+        w = params[0].new_zeros(self.gates * H, 2)
         if self.name == "lstm":
             w[:2 * H, 0] = -SATURATE                 # zeroing: i = f = 0
             w[:H, 1] = -SATURATE                     # hold: i = 0, f = 1, o = 1
             w[H:2 * H, 1] = SATURATE
             w[3 * H:, 1] = SATURATE
             params[0] = torch.cat([params[0], w], 1)
-            return params, torch.stack([zeroing, hold], 2)
+            return params
         w[:2 * H, 0] = -SATURATE                     # zeroing: r = z = 0
         w[H:2 * H, 1] = SATURATE                     # hold: z = 1
         b_n = torch.cat([p["b_x"].new_zeros(2 * H), p["b_x"][2 * H:]])[:, None]   # n's input bias, as a column
         params[0] = torch.cat([params[0], w, b_n], 1)
         params[2] = torch.cat([p["b_x"][:2 * H], p["b_x"].new_zeros(H)])
-        return params, torch.stack([zeroing, hold, 1.0 - zeroing], 2)
+        return params
 
 
 CELLS: Dict[str, TorchCell] = {
@@ -332,6 +338,26 @@ class _Take(torch.autograd.Function):
         return grad.new_zeros((ctx.rows,) + tuple(grad.shape[1:])).index_copy_(0, index, grad), None
 
 
+class _Place(torch.autograd.Function):
+    """The rewritten window's input in one buffer: ``x`` [N, in] at rows ``index`` of [rows, in +
+    k], zeros elsewhere, and ``cols`` [rows, k] (constant) in the last k columns; its backward
+    gathers the gradient's first ``in`` columns at ``index``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.width = x.shape[1]
+        out = x.new_zeros(cols.shape[0], x.shape[1] + cols.shape[1])
+        out[:, x.shape[1]:] = cols
+        out[:, :x.shape[1]].index_copy_(0, index, x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad[:, :ctx.width].index_select(0, index), None, None
+
+
 def _fused_rewritten(c: TorchCell, inp: torch.Tensor, plan: FusedPlan, state: State, layers: Sequence[Layer]):
     """The window rewritten by ``plan`` through the fused op, layer by layer."""
     B, T, _ = inp.shape
@@ -339,12 +365,13 @@ def _fused_rewritten(c: TorchCell, inp: torch.Tensor, plan: FusedPlan, state: St
     dev = inp.device
     flat = torch.from_numpy(plan.flat).to(dev)
     last = torch.from_numpy(plan.last).to(dev)
-    x = inp.new_zeros(B * plan.T2, inp.shape[-1]).index_copy(0, flat, inp.reshape(B * T, -1))
-    x = x.view(B, plan.T2, -1)
+    cols = c.flag_columns(plan, inp)
+    x = _Place.apply(inp.reshape(B * T, -1), flat, cols)
     finals = []
     for layer, p in enumerate(layers):
-        params, cols = c.flagged(p, plan, inp)
-        x, final = c.vf(torch.cat([x, cols], 2), tuple(s[layer:layer + 1] for s in state), params, 1)
+        if layer:
+            x = torch.cat([x.reshape(B * plan.T2, H), cols], 1)
+        x, final = c.vf(x.view(B, plan.T2, -1), tuple(s[layer:layer + 1] for s in state), c.flagged(p), 1)
         if c.name == "lstm":                             # a hold step sets h = tanh(c): take h at the last token
             final = (_Take.apply(x.reshape(B * plan.T2, H), last)[None], final[1])
         finals.append(tuple(s[0] for s in final))
