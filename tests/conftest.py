@@ -11,6 +11,14 @@ child per framework group runs after another in the background; it prints their 
 and fails if any child failed. ``--framework=<name>`` (or ``none``)
 runs one group in this process. A guard fails any test after which this process has loaded the
 modules of two backends.
+
+The framework-free tests of the modules in :data:`BESIDE` form one more group, ``beside``, which
+such a run hands to a child as well, after the framework groups: the framework-free tests take
+longer than the framework groups together, and the two halves of the run share the cores. A group
+not started by the time this process's own tests are done runs in a child started from here,
+beside the others. ``--framework=none`` includes the ``beside`` tests; ``--framework=beside`` runs
+them alone. The processes of such a run share a folder (:data:`SHARED_ENV`) for what several of
+them would otherwise compute alike.
 """
 
 from __future__ import annotations
@@ -18,14 +26,24 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from typing import Dict, Optional, Set
 
 import pytest
 
-from benchmarks import registry
+# The framework groups run beside the framework-free tests on a machine with few cores, and the
+# tests check tiny models: OpenMP / BLAS thread pools (torch's intra-op threads, MKL, OpenBLAS) only
+# spin against the other processes there (a torch test ran 3.5x slower with a busy core). One
+# thread each, unless the environment sets them; set before NumPy loads, and every process the
+# tests start inherits it. TensorFlow's and XLA's pools are left alone (they do not spin so).
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+from benchmarks import registry  # noqa: E402
 
 BASE_MODULES = {"numpy"}            # what every process imports anyway: no isolation needed
 
@@ -42,12 +60,30 @@ def _frameworks() -> Dict[str, Set[str]]:
 
 FRAMEWORKS = _frameworks()
 _MODULE = re.compile(r"^test_(?P<name>[A-Za-z0-9]+)(_.*)?\.py$")
+# framework-free modules whose tests run in a child process of their own in a full run (group
+# ``beside``, taken after the framework groups): about the difference between the framework-free
+# tests and the framework groups (measured on the project's 2-core machine); their framework tests
+# stay in their groups
+BESIDE = ("test_layout_streaming.py", "test_notebook.py")
+SIDE = "beside"
+# a folder that the processes of one full run share (set by the dispatching process): results that
+# several framework groups compute alike are computed once (e.g. tests/test_cross_backend.py's
+# torch trajectory)
+SHARED_ENV = "RESETBENCH_TEST_SHARED"
+
+
+def jax_cache(folder) -> Dict[str, str]:
+    """Environment variables for JAX's persistent compilation cache in ``folder``, every computation
+    cached (not only those that take a second to compile): for test subprocesses that check what
+    they compute, not how often they compile."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(folder), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def pytest_addoption(parser):
     parser.addoption("--framework", default=None, help="run only the tests of this framework group "
-                     f"({', '.join(sorted(FRAMEWORKS))}, or none: framework-free); default: every group, "
-                     "each in its own process")
+                     f"({', '.join(sorted(FRAMEWORKS))}, or none: framework-free, or {SIDE}: the framework-free "
+                     f"tests of {', '.join(BESIDE)}); default: every group, each in its own process")
 
 
 def pytest_configure(config):
@@ -89,7 +125,8 @@ def pytest_pycollect_makemodule(module_path, parent):
 
 
 def item_group(item) -> str:
-    """The framework group of a collected test (``none`` if it imports no framework)."""
+    """The framework group of a collected test (``none`` if it imports no framework; ``beside`` if
+    it does not either and its module is one of :data:`BESIDE`)."""
     marker = item.get_closest_marker("framework")
     if marker is not None:
         return marker.args[0]
@@ -100,7 +137,7 @@ def item_group(item) -> str:
     for value in (callspec.params.values() if callspec else ()):
         if isinstance(value, str) and value.split(":")[0] in FRAMEWORKS:
             return value.split(":")[0]
-    return "none"
+    return SIDE if os.path.basename(str(item.fspath)) in BESIDE else "none"
 
 
 @pytest.hookimpl(trylast=True)          # after -k / -m deselection
@@ -114,7 +151,8 @@ def pytest_collection_modifyitems(config, items):
         config._framework_children = children
         keep = [i for i in items if item_group(i) == "none"]
     else:
-        keep = [i for i in items if item_group(i) == wanted]
+        wanted = {wanted, SIDE} if wanted == "none" else {wanted}
+        keep = [i for i in items if item_group(i) in wanted]
     dropped = [i for i in items if i not in keep]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
@@ -125,9 +163,11 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtestloop(session):
     """The framework groups run in child processes, one after another, while this process runs
     the framework-free tests (tests time nothing, so sharing the cores costs nothing but wall
-    time); their output is printed when they are done."""
+    time); the groups not started when those are done run beside the others; their output is
+    printed when they are all done."""
     config = session.config
-    children = sorted(getattr(config, "_framework_children", ()))
+    children = getattr(config, "_framework_children", ())
+    children = sorted(children - {SIDE}) + ([SIDE] if SIDE in children else [])
     dispatch = bool(children) and config.getoption("--framework") is None and not config.option.collectonly
     runner = _Children(config, children) if dispatch else None
     if runner is not None:
@@ -138,22 +178,36 @@ def pytest_runtestloop(session):
 
 
 class _Children(threading.Thread):
-    """``pytest <the same arguments> --framework=<group>`` for each group, in turn, output kept."""
+    """``pytest <the same arguments> --framework=<group>`` for each group, output kept: this thread
+    takes the groups in turn; once this process's own tests are done, :meth:`join` takes those
+    left too, so that both lines of work end about together. The processes share a folder
+    (:data:`SHARED_ENV`), removed at the end."""
 
     def __init__(self, config, groups):
         super().__init__(daemon=True)
-        self.config, self.groups, self.results = config, groups, []
+        self.config, self.pending, self.results = config, list(groups), {}
+        self.lock = threading.Lock()
+        self.shared = tempfile.mkdtemp(prefix="resetbench-tests-")
+        os.environ[SHARED_ENV] = self.shared
+
+    def _take(self) -> Optional[str]:
+        with self.lock:
+            return self.pending.pop(0) if self.pending else None
 
     def run(self) -> None:
-        for group in self.groups:
-            self.results.append(_run_child(self.config, group))
+        while (group := self._take()) is not None:
+            self.results[group] = _run_child(self.config, group)
 
     def join(self, timeout=None):
+        self.run()                      # the groups no process has started yet, here
         super().join(timeout)
-        for group, code, last, output, cmd in self.results:
+        os.environ.pop(SHARED_ENV, None)
+        shutil.rmtree(self.shared, ignore_errors=True)
+        done = [self.results[g] for g in sorted(self.results)]
+        for group, code, last, output, cmd in done:
             print(f"\n---- framework {group}: {cmd}", flush=True)
             sys.stdout.write(output)
-        return [(group, code, last) for group, code, last, _, _ in self.results]
+        return [(group, code, last) for group, code, last, _, _ in done]
 
 
 def _run_child(config, group: str):
@@ -180,6 +234,21 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_sep("=", "framework groups (each in its own process)")
         for group, code, last in results:
             terminalreporter.write_line(f"{group}: {last.strip('= ')} (exit {code})")
+
+
+@pytest.fixture(scope="session")
+def keras_worker(tmp_path_factory):
+    """``keras_worker(name)``: what tests/keras_training_worker.py writes under KERAS_BACKEND=name
+    (the case of tests/test_keras_backends.py, the README's Keras example first), run on first use
+    and shared by test_keras_backends.py and test_keras_example.py: one Keras start per backend."""
+    from tests.test_keras_backends import run_worker
+    done = {}
+
+    def get(name: str):
+        if name not in done:
+            done[name] = run_worker(name, tmp_path_factory.mktemp(f"keras_{name}"))
+        return done[name]
+    return get
 
 
 @pytest.fixture(autouse=True)

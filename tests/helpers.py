@@ -171,3 +171,25 @@ def check_parity(backend: str, kernel: str, spec: ModelSpec, batches, state=None
     for k in exp:
         assert_close(got[k], exp[k], f"weights {k}", rtol=5e-4, atol_scale=5e-5)
     return be, orc
+
+
+def layer_case(seed: int, cell: str = "lstm", B: int = 4, T: int = 9, resets=((0, 3), (2, 7), (1, 5), (3, 0)),
+               spec: ModelSpec = ModelSpec(embed=8, hidden=16, layers=1)):
+    """One layer alone: its inputs (embedded ids) [B, T, E], resets, canonical weights (keys without
+    the ``<cell>.0.`` prefix), a carried state (a tuple, one [B, H] per state component), and the
+    oracle's (float64) hidden sequence followed by its final state: ``(seq, h, c)`` for the LSTM,
+    ``(seq, h)`` for the GRU."""
+    spec = dataclasses.replace(spec, cell=cell)
+    rng = np.random.default_rng(seed)
+    w = {k: v.astype(np.float64) for k, v in tiny_weights(seed, spec).items()}
+    x = rng.integers(0, 257, size=(B, T)).astype(np.int32)
+    reset = np.zeros((B, T), bool)
+    for b, t in resets:
+        reset[b, t] = True
+    state = random_state(seed + 1, spec, B)
+    _, cache, final = ref.forward(w, Batch(x, x, np.ones((B, T), np.float32), reset),
+                                  tuple(s.astype(np.float64) for s in state), spec)
+    inputs = w["embedding"][x].astype(np.float32)
+    prefix = f"{cell}.0."
+    lw = {k[len(prefix):]: v.astype(np.float32) for k, v in w.items() if k.startswith(prefix)}
+    return inputs, reset, lw, tuple(s[0] for s in state), (cache["top"],) + tuple(f[0] for f in final)

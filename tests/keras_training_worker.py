@@ -2,6 +2,10 @@
 fixed at Keras's first import): ``KERAS_BACKEND=<name> python -m tests.keras_training_worker CASE OUT
 DIR``, run by tests/test_keras_backends.py, which compares what this writes with the NumPy oracle.
 
+With ``readme`` in the case file, the README's Keras example (tests/test_keras_example.py) runs first,
+before anything here imports Keras (as in a fresh process), and its losses go into OUT as
+``readme/losses``.
+
 For each cell in the case file (``ResetLSTM``, ``ResetGRU``) and each loop this backend runs
 (TensorFlow: tf_bptt, tf_while, scan, unroll; JAX and torch: scan, unroll), a tiny Keras model
 ``Embedding -> Reset<CELL>(stateful=True) -> Dense`` from the case's canonical weights, compiled
@@ -13,6 +17,11 @@ check from the case's carried state:
 - ``tob``: the losses, weights and carried state after ``train_on_batch`` on every window;
 - with the default loop only: ``fit`` (the same windows as one epoch of ``model.fit``), then
   ``save``: ``model.save`` / ``keras.models.load_model`` and both models on window ``next``.
+
+Then, from the case's ``layer/*`` arrays, ``ResetLSTM`` alone (``layer/<loop>/...``): its sequence
+and final state called with ``initial_state`` and ``return_state=True``, for each loop; and two
+calls of a stateful layer against one call over both windows (``layer/stateful/...``). Last,
+``adapter``: what ``import backends.keras_lstm`` (``backend=keras``) does under this Keras backend.
 
 Everything goes into the ``.npz`` OUT as ``<cell>/<loop>/<check>/<name>`` (canonical keys for
 weights and gradients); this module compares nothing itself.
@@ -168,16 +177,62 @@ def check_fit_and_save(keras, case, cell: str, workdir: str, out: Dict[str, np.n
     out[f"{cell}/save/zero_after_reset_state"] = np.array(not any(s.any() for s in get_state(keras, loaded).values()))
 
 
-def main(case_path: str, out_path: str, workdir: str) -> None:
-    import keras
+def check_layer_calls(keras, case, loops, out: Dict[str, np.ndarray]) -> None:
+    """``ResetLSTM`` alone on the case's ``layer/*`` arrays (see the module doc)."""
+    from resetbench.keras_layers import ResetLSTM
 
+    inputs, reset = case["layer/inputs"], case["layer/reset"]
+    state0 = (case["layer/h0"], case["layer/c0"])
+    lw = {k: case[f"layer/{k}"] for k in ("w_x", "w_h", "b")}
+    H, E = lw["w_h"].shape[0], lw["w_x"].shape[0]
+    for loop in loops:
+        layer = ResetLSTM(H, return_state=True, implementation=loop)
+        layer.build((None, None, E))
+        layer.set_canonical(**lw)
+        for name, value in zip(("seq", "h", "c"), layer(inputs, reset, initial_state=state0)):
+            out[f"layer/{loop}/{name}"] = keras.ops.convert_to_numpy(value)
+
+    B, T = reset.shape
+
+    def stateful():
+        layer = ResetLSTM(H, stateful=True)
+        layer.build((B, T, E))
+        layer.set_canonical(**lw)
+        return layer
+    out["layer/stateful/whole"] = keras.ops.convert_to_numpy(
+        stateful()(np.concatenate([inputs, inputs], 1), np.concatenate([reset, reset], 1)))
+    layer = stateful()
+    out["layer/stateful/parts"] = np.concatenate([keras.ops.convert_to_numpy(layer(inputs, reset))
+                                                  for _ in range(2)], 1)
+
+
+def check_adapter(out: Dict[str, np.ndarray]) -> None:
+    """``backend=keras`` imported under this Keras backend: ``imported``, or the error it raised."""
+    import importlib
+    try:
+        importlib.import_module("backends.keras_lstm")
+        out["adapter"] = np.array("imported")
+    except Exception as exc:  # noqa: BLE001 - the error is the result
+        out["adapter"] = np.array(f"{type(exc).__name__}: {exc}")
+
+
+def main(case_path: str, out_path: str, workdir: str) -> None:
     case = np.load(case_path)
+    out: Dict[str, np.ndarray] = {}
+    if "readme" in case.files:          # first, as in a fresh process: the example imports keras itself
+        from tests.test_keras_example import readme_example
+        out["readme/losses"] = np.array(readme_example(), np.float64)
+
+    import keras
     backend = keras.backend.backend()
-    out: Dict[str, np.ndarray] = {"backend": np.array(backend)}
+    out["backend"] = np.array(backend)
+    loops = LOOPS.get(backend, OTHER_LOOPS)
     for cell in [str(c) for c in case["cells"]]:
-        for loop in LOOPS.get(backend, OTHER_LOOPS):
+        for loop in loops:
             check_loop(keras, case, cell, loop, out)
         check_fit_and_save(keras, case, cell, workdir, out)
+    check_layer_calls(keras, case, loops, out)
+    check_adapter(out)
     np.savez(out_path, **out)
 
 

@@ -5,7 +5,9 @@ to the NumPy oracle's eval loss for the same weights.
 Batches come from the real layouts (synthetic data, every strategy), so they carry state across
 windows and reset mid-window exactly as training does. Each backend trains in a process of its own
 (``python -m tests.trajectory``: two frameworks never share a process); this process runs only the
-oracle, which imports no framework.
+oracle, which imports no framework. The trajectory processes use JAX's persistent compilation
+cache (in the trajectories' folder): the cells and strategies of one backend repeat the same
+computations on the same shapes, which jax then compiles once (nothing here counts compilations).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from backends.base import OptimizerSpec
 from backends.cells import cell_names
 from benchmarks import registry
 from benchmarks.harness import evaluate
+from tests.conftest import SHARED_ENV, jax_cache
 from tests.helpers import REQUIRE_ALL, assert_close, backend_names, oracle
 from tests.trajectory import SPEC, STRATEGIES, held_out
 
@@ -32,8 +36,12 @@ OTHERS = [n for n in backend_names() if n != "torch"]
 @pytest.fixture(scope="module")
 def trajectory(tmp_path_factory):
     """``trajectory(name)``: that backend's results (``python -m tests.trajectory``), computed on
-    first use, once per test process (a framework group needs only its own backend and torch)."""
-    folder, cache = tmp_path_factory.mktemp("trajectories"), {}
+    first use, once per test process (a framework group needs only its own backend and torch), or
+    once per run where the run's processes share a folder (tests/conftest.py: the framework
+    groups all need torch's)."""
+    shared = os.environ.get(SHARED_ENV)
+    folder, cache = (Path(shared) / "trajectories" if shared else tmp_path_factory.mktemp("trajectories")), {}
+    folder.mkdir(exist_ok=True)
 
     def get(name):
         if name not in cache:
@@ -43,9 +51,13 @@ def trajectory(tmp_path_factory):
                     pytest.fail(f"backend {name} needs {missing} (RESETBENCH_REQUIRE_ALL=1)")
                 pytest.skip(f"backend {name} not installed")
             path = folder / f"{name}.npz"
-            r = subprocess.run([sys.executable, "-m", "tests.trajectory", name, str(path)], cwd=ROOT,
-                               capture_output=True, text=True, timeout=600)
-            assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
+            if not path.exists():
+                env = {**os.environ, **jax_cache(folder / "jax_cache")}
+                part = folder / f"{name}.{os.getpid()}.npz"         # complete before it gets its name
+                r = subprocess.run([sys.executable, "-m", "tests.trajectory", name, str(part)], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=600, env=env)
+                assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
+                os.replace(part, path)
             with np.load(path) as npz:
                 cache[name] = {k: npz[k] for k in npz.files}
         return cache[name]

@@ -6,6 +6,13 @@ and every gradient, and the losses, weights and carried state after ``train_on_b
 with the default loop, ``fit`` over the same windows and a ``model.save`` / ``load_model`` round
 trip (variables, and the per-row state semantics of the loaded layer on a window that carries some
 rows and resets others). Tiny model (E=8, H=16, B=4, T=9, three windows).
+
+The same worker also calls ``ResetLSTM`` alone (every loop the backend runs, with an initial state
+and ``return_state=True``; a stateful layer's two calls against one) against the oracle, and
+imports ``backend=keras``, which must refuse a Keras on another backend (these ran in processes of
+their own in tests/test_keras_layer.py: the same Keras start, twice). The worker runs the README's
+Keras example first, for tests/test_keras_example.py: one worker per backend serves both modules
+(the ``keras_worker`` fixture of tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -21,8 +28,8 @@ import pytest
 
 from backends.base import Batch, ModelSpec, OptimizerSpec
 from benchmarks import registry
-from tests.helpers import (REQUIRE_ALL, assert_close, mid_reset_batches, oracle, random_batch, random_state,
-                           tiny_weights)
+from tests.helpers import (REQUIRE_ALL, assert_close, layer_case, mid_reset_batches, oracle, random_batch,
+                           random_state, tiny_weights)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # every cell the keras reset kernel declares (conf/backend/keras.yaml)
@@ -57,6 +64,24 @@ def _case():
         state = random_state(32, spec, B)
         case.update({f"{cell}/state0/{n}": s[0] for n, s in zip(spec.state_names, state)})
     return case, windows, nxt
+
+
+def _layer_case(seed: int = 5):
+    """``ResetLSTM`` alone (:func:`tests.helpers.layer_case`): its inputs, resets, canonical weights
+    and a carried state as ``layer/*`` arrays for the worker, and the oracle's (float64) sequence
+    and final state."""
+    inputs, reset, lw, state, (seq, h, c) = layer_case(seed, "lstm", B, T, spec=SPEC)
+    arrays = {"layer/inputs": inputs, "layer/reset": reset, "layer/h0": state[0], "layer/c0": state[1]}
+    arrays.update({f"layer/{k}": v for k, v in lw.items()})
+    return arrays, {"seq": seq, "h": h, "c": c}
+
+
+def run_worker(backend: str, tmp_path):
+    """The worker under ``KERAS_BACKEND=backend`` on :func:`_case` and :func:`_layer_case`, the
+    README's Keras example first (for tests/test_keras_example.py); returns what it wrote. Run once
+    per backend by the ``keras_worker`` fixture (tests/conftest.py)."""
+    case, _, _ = _case()
+    return _run_worker(backend, {**case, **_layer_case()[0], "readme": np.array(True)}, tmp_path)
 
 
 def _run_worker(backend: str, case, tmp_path):
@@ -130,13 +155,26 @@ def _check_fit_and_save(got, ref: Oracle, windows, nxt, cell: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("keras_backend", ["tensorflow", "jax", "torch"])
-def test_layers_train_on_every_keras_backend(keras_backend, tmp_path):
+def test_layers_train_on_every_keras_backend(keras_backend, keras_worker):
     _require("keras", keras_backend)
     case, windows, nxt = _case()
-    got = _run_worker(keras_backend, case, tmp_path)
+    _, layer_exp = _layer_case()
+    got = keras_worker(keras_backend)
     assert str(got["backend"]) == keras_backend
     for cell in CELLS:
-        ref = Oracle(case, cell)
+        orc = Oracle(case, cell)
         for loop in LOOPS[keras_backend]:
-            _check_loop(got, ref, windows, f"{cell}/{loop}")
-        _check_fit_and_save(got, ref, windows, nxt, cell)
+            _check_loop(got, orc, windows, f"{cell}/{loop}")
+        _check_fit_and_save(got, orc, windows, nxt, cell)
+    # the layer alone, every loop, against the oracle; a stateful layer's two calls equal one
+    for loop in LOOPS[keras_backend]:
+        err = max(float(np.abs(got[f"layer/{loop}/{k}"] - e).max()) for k, e in layer_exp.items())
+        assert err < 1e-5, f"KERAS_BACKEND={keras_backend}: ResetLSTM {loop} differs from the oracle by {err:.3g}"
+    err = float(np.abs(got["layer/stateful/parts"] - got["layer/stateful/whole"]).max())
+    assert err < 1e-5, f"KERAS_BACKEND={keras_backend}: two stateful calls differ from one by {err:.3g}"
+    # backend=keras runs on TensorFlow only, and says so under another Keras backend
+    adapter = str(got["adapter"])
+    if keras_backend == "tensorflow":
+        assert adapter == "imported", adapter
+    else:
+        assert adapter.startswith("ConfigError") and "KERAS_BACKEND" in adapter, adapter

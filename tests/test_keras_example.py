@@ -1,6 +1,9 @@
 """The README example: per-sample resets in a stateful Keras model trained with train_on_batch,
 on each Keras backend (tensorflow, jax, torch), each in a fresh process (the Keras backend is fixed
-at Keras's first import; the example's ``setdefault`` keeps the one the environment names).
+at Keras's first import; the example's ``setdefault`` keeps the one the environment names): the
+process of tests/keras_training_worker.py under that backend, where the example runs first, before
+the worker's own checks (tests/test_keras_backends.py; the ``keras_worker`` fixture of
+tests/conftest.py runs it once per backend for both modules).
 
 What keras-team/keras#2750 asked for in 2016: a boolean vector per sample passed with each
 ``train_on_batch``, resetting only those rows (here also in the middle of a window, #11175).
@@ -10,10 +13,6 @@ Packed streams hold many sequences per row; each sequence starts from a zero sta
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,11 +21,6 @@ from tests.helpers import REQUIRE_ALL
 
 if importlib.util.find_spec("keras") is None:
     pytest.skip("the Keras example needs keras", allow_module_level=True)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# run in the child: the example, then what the test checks
-RUNNER = ("import json, sys; from tests.test_keras_example import readme_example; losses = readme_example(); "
-          "import keras; print('RESULT ' + json.dumps({'backend': keras.backend.backend(), 'losses': losses}))")
 
 
 def readme_example():
@@ -63,20 +57,14 @@ def readme_example():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("keras_backend", ["tensorflow", "jax", "torch"])
-def test_readme_example_loss_drops(keras_backend, tmp_path):
+def test_readme_example_loss_drops(keras_backend, keras_worker):
     if importlib.util.find_spec(keras_backend) is None:
         if REQUIRE_ALL:
             pytest.fail(f"KERAS_BACKEND={keras_backend} needs {keras_backend} (RESETBENCH_REQUIRE_ALL=1)")
         pytest.skip(f"KERAS_BACKEND={keras_backend} needs {keras_backend}")
-    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    env.update(KERAS_BACKEND=keras_backend, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-c", RUNNER], cwd=str(tmp_path), env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"KERAS_BACKEND={keras_backend}:\n{proc.stderr[-3000:]}"
-    res = json.loads(lines[-1][len("RESULT "):])
-    assert res["backend"] == keras_backend
-    losses = res["losses"]
+    res = keras_worker(keras_backend)           # the worker failing fails here with its stderr
+    assert str(res["backend"]) == keras_backend
+    losses = [float(v) for v in res["readme/losses"]]
     assert len(losses) >= 24, len(losses)
     first, last = np.mean(losses[:4]), np.mean(losses[-4:])
     assert np.isfinite(losses).all()

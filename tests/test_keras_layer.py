@@ -4,21 +4,16 @@
 The generic checks of ``backend=keras`` against the NumPy oracle live in test_conformance.py; here:
 each layer alone against the oracle (every loop implementation), the hand-written backward against
 TensorFlow's autodiff, statefulness per row, weights (canonical and Keras's layouts), equality with
-``keras.layers.LSTM`` / ``GRU`` from their own weights, the LSTM under KERAS_BACKEND=jax and torch
-(in subprocesses: the Keras backend is fixed at Keras's first import; both layers' training there:
-test_keras_backends.py), PyTorch-style Adam epsilon, the non-default compile settings, and
-``precompile``.
+``keras.layers.LSTM`` / ``GRU`` from their own weights, PyTorch-style Adam epsilon, the non-default
+compile settings, and ``precompile``. Under KERAS_BACKEND=jax and torch (subprocesses: the Keras
+backend is fixed at Keras's first import), the layers alone and their training are checked by
+test_keras_backends.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -27,15 +22,13 @@ if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("k
     pytest.skip("backend keras needs tensorflow and keras", allow_module_level=True)
 
 from backends import keras_lstm  # noqa: E402  (sets KERAS_BACKEND=tensorflow before keras loads)
-from backends import reference as ref  # noqa: E402
 from backends.base import Batch, ConfigError, ModelSpec, OptimizerSpec, init_weights  # noqa: E402
-from resetbench.keras_layers import LAYERS, ResetLSTM  # noqa: E402
-from tests.helpers import (TINY, assert_close, mid_reset_batches, oracle, random_state,  # noqa: E402
-                           tiny_weights)
+from resetbench.keras_layers import LAYERS  # noqa: E402
+from tests.helpers import (TINY, assert_close, layer_case, mid_reset_batches, oracle,  # noqa: E402
+                           random_state, tiny_weights)
 
 import keras  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC1 = ModelSpec(embed=8, hidden=16, layers=1)
 B, T = 4, 9
 CELLS = sorted(LAYERS)
@@ -43,24 +36,9 @@ KERAS_LAYERS = {"lstm": lambda H: keras.layers.LSTM(H, return_sequences=True, re
                 "gru": lambda H: keras.layers.GRU(H, return_sequences=True, return_state=True, reset_after=True)}
 
 
-def _case(seed: int, cell: str = "lstm", B: int = B, T: int = T, resets=((0, 3), (2, 7), (1, 5), (3, 0))):
-    """Layer inputs (embedded ids), resets, the layer's canonical weights, a carried state (a
-    tuple, one [B, H] per state component), and the oracle's (float64) hidden sequence followed
-    by its final state: ``(seq, h, c)`` for the LSTM, ``(seq, h)`` for the GRU."""
-    spec = dataclasses.replace(SPEC1, cell=cell)
-    rng = np.random.default_rng(seed)
-    w = {k: v.astype(np.float64) for k, v in tiny_weights(seed, spec).items()}
-    x = rng.integers(0, 257, size=(B, T)).astype(np.int32)
-    reset = np.zeros((B, T), bool)
-    for b, t in resets:
-        reset[b, t] = True
-    batch = Batch(x, x, np.ones((B, T), np.float32), reset)
-    state = random_state(seed + 1, spec, B)
-    _, cache, final = ref.forward(w, batch, tuple(s.astype(np.float64) for s in state), spec)
-    inputs = w["embedding"][x].astype(np.float32)
-    prefix = f"{cell}.0."
-    lw = {k[len(prefix):]: v.astype(np.float32) for k, v in w.items() if k.startswith(prefix)}
-    return inputs, reset, lw, tuple(s[0] for s in state), (cache["top"],) + tuple(f[0] for f in final)
+def _case(seed: int, cell: str = "lstm", B: int = B, T: int = T, **kw):
+    """:func:`tests.helpers.layer_case` at this module's shape."""
+    return layer_case(seed, cell, B, T, spec=SPEC1, **kw)
 
 
 def _layer(lw, B=None, T=None, cell: str = "lstm", **kw):
@@ -221,83 +199,9 @@ def test_no_resets_equals_keras_layer_from_its_own_weights(cell):
 
 
 # --------------------------------------------------------------------------- other Keras backends
-_OTHER_BACKEND = textwrap.dedent(r"""
-    import json, os, sys
-    sys.path.insert(0, sys.argv[1])
-    os.environ["KERAS_BACKEND"] = sys.argv[2]
-    import numpy as np
-    import keras
-    from resetbench.keras_layers import ResetLSTM
-    out = {"backend": keras.backend.backend(), "err": {}}
-    d = np.load(sys.argv[3])
-    inputs, reset, state0, exp = d["inputs"], d["reset"], (d["h0"], d["c0"]), (d["seq"], d["h"], d["c"])
-    lw = {k: d[k] for k in ("w_x", "w_h", "b")}
-    for impl in ("scan", "unroll"):                 # auto is scan off TensorFlow
-        layer = ResetLSTM(lw["w_h"].shape[0], return_state=True, implementation=impl)
-        layer.build((None, None, lw["w_x"].shape[0]))
-        layer.set_canonical(**lw)
-        got = layer(inputs, reset, initial_state=state0)
-        out["err"][impl] = max(float(np.abs(keras.ops.convert_to_numpy(g) - e).max()) for g, e in zip(got, exp))
-    # stateful: two calls equal one
-    B, T = reset.shape
-    def stateful():
-        l = ResetLSTM(lw["w_h"].shape[0], stateful=True)
-        l.build((B, T, lw["w_x"].shape[0]))
-        l.set_canonical(**lw)
-        return l
-    whole = keras.ops.convert_to_numpy(stateful()(np.concatenate([inputs, inputs], 1), np.concatenate([reset, reset], 1)))
-    l = stateful()
-    parts = [keras.ops.convert_to_numpy(l(inputs, reset)) for _ in range(2)]
-    out["err"]["stateful"] = float(np.abs(np.concatenate(parts, 1) - whole).max())
-    # train_on_batch carries the per-row state on this backend's trainer
-    ids = keras.Input(shape=(T,), batch_size=B, dtype="int32")
-    rs = keras.Input(shape=(T,), batch_size=B, dtype="bool")
-    lstm = ResetLSTM(8, stateful=True)
-    y = keras.layers.Dense(257)(lstm(keras.layers.Embedding(257, 4)(ids), rs))
-    model = keras.Model([ids, rs], y)
-    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    x = np.random.default_rng(0).integers(0, 257, size=(B, T)).astype("int32")
-    losses = [float(model.train_on_batch([x, reset], x)) for _ in range(2)]
-    st = keras.ops.convert_to_numpy(lstm.state_h)
-    out["train_on_batch"] = {"finite": bool(np.isfinite(losses).all()), "state_moved": bool(np.abs(st).max() > 0)}
-    # backend=keras refuses a Keras that already runs on another backend
-    try:
-        import backends.keras_lstm
-        out["adapter"] = "imported"
-    except Exception as exc:
-        out["adapter"] = f"{type(exc).__name__}: {exc}"
-    print("RESULT " + json.dumps(out))
-""")
-
-
-@pytest.mark.slow
-def test_layer_on_jax_and_torch_backends(tmp_path):
-    """The same layer (every backend-neutral loop) under KERAS_BACKEND=jax and torch, against
-    the oracle; statefulness and train_on_batch there; backend=keras refuses them. Both
-    subprocesses run at once."""
-    inputs, reset, lw, state0, exp = _case(5)
-    np.savez(tmp_path / "case.npz", inputs=inputs, reset=reset, h0=state0[0], c0=state0[1],
-             seq=exp[0], h=exp[1], c=exp[2], **lw)
-    script = tmp_path / "other_backend.py"
-    script.write_text(_OTHER_BACKEND)
-    available = [b for b in ("jax", "torch") if importlib.util.find_spec(b) is not None]
-    if not available:
-        pytest.skip("neither jax nor torch is installed")
-    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    procs = {b: subprocess.Popen([sys.executable, str(script), ROOT, b, str(tmp_path / "case.npz")], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
-             for b in available}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-        assert proc.returncode == 0 and lines, f"KERAS_BACKEND={name} failed:\n{stderr[-3000:]}"
-        res = json.loads(lines[-1][len("RESULT "):])
-        assert res["backend"] == name
-        for what, err in res["err"].items():
-            assert err < 1e-5, f"KERAS_BACKEND={name}: {what} differs from the oracle by {err:.3g}"
-        assert res["train_on_batch"] == {"finite": True, "state_moved": True}, (name, res)
-        assert res["adapter"].startswith("ConfigError") and "KERAS_BACKEND" in res["adapter"], res["adapter"]
+# The layer under KERAS_BACKEND=jax and torch (every loop against the oracle, a stateful layer's two
+# calls against one, backend=keras refusing them) is checked by tests/test_keras_backends.py, in
+# the same process as its training checks on that backend.
 
 
 # --------------------------------------------------------------------------- the adapter

@@ -4,13 +4,17 @@ outside the checkout."""
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
+
+from tests.conftest import SHARED_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = {"torch": "resetbench.torch_layers", "jax": "resetbench.jax_layers", "keras": "resetbench.keras_layers"}
@@ -18,16 +22,25 @@ LAYERS = {"torch": "resetbench.torch_layers", "jax": "resetbench.jax_layers", "k
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """The project built as a wheel and installed (``pip install --target``) into a folder."""
-    tmp = tmp_path_factory.mktemp("wheel")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(tmp / "dist"), ROOT], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    (wheel,) = list((tmp / "dist").glob("resetbench-*.whl"))
+    """The project built as a wheel and installed (``pip install --target``) into a folder: once
+    per test process, or once per run where the run's processes share a folder (tests/conftest.py;
+    the first to get there builds, the others wait for it)."""
+    shared = os.environ.get(SHARED_ENV)
+    tmp = Path(shared) / "wheel" if shared else tmp_path_factory.mktemp("wheel")
+    tmp.mkdir(exist_ok=True)
     target = tmp / "site"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    with open(tmp / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (tmp / "installed").exists():
+            r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                                "-w", str(tmp / "dist"), ROOT], capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-2000:]
+            (wheel,) = list((tmp / "dist").glob("resetbench-*.whl"))
+            r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                                str(wheel)], capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-2000:]
+            (tmp / "installed").touch()
+    (wheel,) = list((tmp / "dist").glob("resetbench-*.whl"))
     return wheel, target
 
 

@@ -1,6 +1,7 @@
-"""Runs you can trust: every run in its own process, sweeps that survive their jobs, stop signals
-and failed writes that leave valid files with a final status, owned run directories, busy machines
-flagged. Signal tests send real signals to a real ``run.py`` process."""
+"""Runs you can trust: every run in its own process (checked on a sweep of every framework in
+test_experiments.py), sweeps that survive their jobs, stop signals and failed writes that leave
+valid files with a final status, owned run directories, busy machines flagged. Signal tests send
+real signals to a real ``run.py`` process."""
 
 from __future__ import annotations
 
@@ -54,31 +55,9 @@ def steps_rows(run_dir) -> list:
 
 
 # --------------------------------------------------------------------------- one process per run
-@pytest.mark.slow
-def test_sweep_runs_each_framework_in_its_own_process(tmp_path):
-    """A sweep over every framework: three worker processes, none of them the parent, and the
-    parent (this python, running run.py's main) never imports a framework."""
-    from benchmarks import registry
-    frameworks = [b for b in sorted(registry.backend_configs()) if b != "numpy"]
-    sweep = tmp_path / "sweep"
-    code = (f"import runpy, sys; sys.argv = ['run.py', '-m', 'backend={','.join(frameworks)}', 'train.steps=2', "
-            f"{', '.join(repr(a) for a in NUMPY[1:])}, 'hydra.sweep.dir={sweep}']\n"
-            f"try:\n    runpy.run_path({os.path.join(ROOT, 'run.py')!r}, run_name='__main__')\n"
-            f"except SystemExit as e:\n    assert not e.code, e.code\n"
-            f"import os; print('PARENT', os.getpid(), sorted(m for m in ('torch', 'jax', 'tensorflow', 'keras', "
-            f"'flax') if m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    parent_line = [line for line in r.stdout.splitlines() if line.startswith("PARENT")][-1].split(" ", 2)
-    parent_pid, imported = int(parent_line[1]), parent_line[2]
-    assert imported == "[]", f"the parent imported {imported}"
-    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert len(runs) == len(frameworks)
-    sums = [summary(p) for p in runs]
-    pids = {s["process_id"] for s in sums}
-    assert len(pids) == len(frameworks) and parent_pid not in pids
-    assert {s["parent_process_id"] for s in sums} == {parent_pid}
-    assert all(s["status"] == "completed" and s["exit_code"] == 0 for s in sums)
+# A sweep over every framework runs each job in a worker of its own and its parent imports no
+# framework: tests/test_experiments.py (test_sweep_runs_each_framework_in_its_own_process) checks it
+# on the compare_debug sweep, which starts those framework jobs anyway.
 
 
 def test_sweep_survives_a_diverging_job(tmp_path):

@@ -23,11 +23,12 @@ from benchmarks import cli, registry
 from benchmarks.config import (check_memory, check_type, count_params, estimate_memory, format_bytes,
                                parse_type)
 from benchmarks.data import KJV, DataSize, Synthetic, TextFile, data_size, split_bytes
-from tests.test_cli import ROOT, run_cli
+from tests.test_cli import DRIVER, ROOT, run_cli
 
 # --------------------------------------------------------------------------- the CLI cases
 # (id, command-line arguments, the start of the one error line after "error: "). {tmp} is a
-# folder of fixture files (see _fixtures); every case also gets hydra.run.dir={tmp}/run/ID.
+# folder of fixture files (see _fixtures); every case also gets hydra.run.dir={tmp}/run/ID. They
+# run through tests/test_cli.py's DRIVER.
 SYN = ["data=synthetic"]
 TXT = ["data=textfile", "data.path={tmp}/t.txt"]
 TINY = ["model.embed=4", "model.hidden=8"]
@@ -181,30 +182,6 @@ def _fixtures(tmp) -> None:
         (tmp / run / "summary.json").write_text(json.dumps({"status": "completed"}))
 
 
-DRIVER = r"""
-import contextlib, io, json, os, runpy, sys, traceback
-import benchmarks.jobs
-
-def task(cfg):   # reached only if preflight let a bad command line through
-    raise RuntimeError("preflight let this command line through")
-
-benchmarks.jobs.task = task
-results = []
-for args in json.load(sys.stdin):
-    out, err = io.StringIO(), io.StringIO()
-    sys.argv = ["run.py", *args]
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            runpy.run_path(os.path.join(os.environ["PYTHONPATH"], "run.py"), run_name="__main__")
-            rc = 0
-        except SystemExit as exc:
-            rc = exc.code
-        except BaseException:
-            traceback.print_exc()
-            rc = 1
-    results.append({"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()})
-print(json.dumps(results))
-"""
 
 
 def _expand(args, tmp):
