@@ -549,10 +549,10 @@ def kernels_figure(kernels, matmul, path: str) -> str:
 def figure_specs(suffix: str = "") -> List[Tuple[str, Callable[[Mapping[str, pd.DataFrame], str], str]]]:
     """(file name, draw(tables, path)) for every figure; ``suffix`` picks e.g. the _debug experiments."""
     c, w, win = f"compare{suffix}", f"waste{suffix}", f"window{suffix}"
-    cp = (c, f"peers{suffix}")        # compare's runs and the peer baselines on the same data and budget
     return [
-        ("throughput.png", lambda t, p: plot_throughput(t["runs"], p, cp)),
-        ("throughput_gru.png", lambda t, p: plot_throughput(t["runs"], p, (f"compare_gru{suffix}", f"peers_gru{suffix}"))),
+        *[(f"throughput{cell}.png",             # one per cell of conf/cell/ (registry.cell_suffixes)
+           lambda t, p, cell=cell: plot_throughput(t["runs"], p, (f"compare{cell}{suffix}", f"peers{cell}{suffix}")))
+          for cell in registry.cell_suffixes()],
         ("padding.png", lambda t, p: plot_padding(t["runs"], p, c)),
         ("loss_vs_time.png", lambda t, p: plot_loss_vs_time(t["evals"], p, t["runs"], c)),
         ("loss_vs_tokens.png", lambda t, p: plot_loss_vs_tokens(t["evals"], p, t["runs"], c)),
@@ -566,9 +566,9 @@ def figure_specs(suffix: str = "") -> List[Tuple[str, Callable[[Mapping[str, pd.
     ]
 
 
-# the summary tables: name, and the suffix of the compare / peers experiments they summarize (the
-# LSTM's, the GRU's)
-SUMMARIES = (("summary", ""), ("summary_gru", "_gru"))
+# the summary tables, one per cell of conf/cell/: name, and the suffix of the compare / peers
+# experiments they summarize (summary: the default cell's, summary_gru: the GRU's)
+SUMMARIES = tuple((f"summary{sfx}", sfx) for sfx in registry.cell_suffixes())
 
 # the fair study's experiments (the plans in conf/study/, run by benchmarks/study.py): a ranking
 # table and eval-loss curves each

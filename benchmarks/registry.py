@@ -132,6 +132,19 @@ def study_experiments() -> list:
     return [group_config("study", n)["experiment"] for n in names]
 
 
+def default_cell() -> str:
+    """``model.cell`` of ``conf/config.yaml``: the cell a run trains unless told otherwise."""
+    with open(os.path.join(CONF_DIR, "config.yaml")) as fh:
+        return yaml.safe_load(fh)["model"]["cell"]
+
+
+def cell_suffixes() -> list:
+    """The experiment-name suffix of each cell of ``conf/cell/``, the default cell's first: none
+    for the default cell (``compare``, ``peers``), ``_<cell>`` for another (``compare_gru``)."""
+    default = default_cell()
+    return [""] + [f"_{c}" for c in group_options("cell") if c != default]
+
+
 def group_options(group: str) -> list:
     """Names of the files in ``conf/<group>/`` (the allowed values of a config group)."""
     folder = os.path.join(CONF_DIR, group)

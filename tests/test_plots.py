@@ -13,7 +13,7 @@ import pytest
 pd = pytest.importorskip("pandas")    # the analysis extra: pip install -e '.[analysis]'
 pytest.importorskip("matplotlib")
 
-from benchmarks import plots, results  # noqa: E402
+from benchmarks import plots, registry, results  # noqa: E402
 from tests.test_results import (fabricate_kernel_rows, fabricate_lengths, fabricate_study,  # noqa: E402
                                 fabricate_tables)
 
@@ -195,3 +195,23 @@ def test_kernels_figure_reads_kernels_csv_without_roles(tmp_path):
     ker, mm = fabricate_kernel_rows()
     old = pd.DataFrame(ker).drop(columns="kernel_role")
     assert _is_png(plots.kernels_figure(old, mm, str(tmp_path / "k.png")))
+
+
+def test_every_cell_gets_its_summary_and_throughput_figure():
+    """One summary table and one throughput figure per cell of conf/cell/ (registry.cell_suffixes),
+    each over experiments that exist: the default cell's ``compare`` / ``peers``, another cell's
+    ``compare_<cell>`` / ``peers_<cell>``, each training that cell."""
+    import yaml
+    cells = registry.group_options("cell")
+    suffixes = registry.cell_suffixes()
+    assert len(suffixes) == len(cells) and suffixes[0] == "" and registry.default_cell() in cells
+    assert [name for name, _ in plots.SUMMARIES] == [f"summary{s}" for s in suffixes]
+    names = [name for name, _ in plots.figure_specs()]
+    assert all(f"throughput{s}.png" in names for s in suffixes)
+    for sfx in suffixes:
+        cell = sfx[1:] or registry.default_cell()
+        for experiment in (f"compare{sfx}", f"peers{sfx}"):
+            assert experiment in registry.group_options("experiment"), experiment
+            with open(os.path.join(registry.CONF_DIR, "experiment", f"{experiment}.yaml")) as fh:
+                text = yaml.safe_load(fh)
+            assert text.get("model", {}).get("cell", registry.default_cell()) == cell, (experiment, text.get("model"))
