@@ -301,6 +301,13 @@ def time_chunks(reset: np.ndarray, call_cost: float, max_steps: Optional[int] = 
         extra = (cs[:, hi] - cs[:, lo]).max(axis=0) if B else np.zeros((T, T + 1), np.int64)
     steps = length + extra
     cost = np.where((length >= 1) & ((steps <= max_steps) | (length == 1)), call_cost + steps, np.inf)
+    return cheapest_cuts(cost)
+
+
+def cheapest_cuts(cost: np.ndarray) -> List[Tuple[int, int]]:
+    """The chunks ``[s, e)`` covering columns ``0 .. T`` at the least total ``cost[s, e]`` (a
+    [T, T + 1] array, ``inf`` where a chunk is not allowed): dynamic programming over the cuts."""
+    T = cost.shape[0]
     best = np.zeros(T + 1)
     prev = np.zeros(T + 1, np.int64)
     for e in range(1, T + 1):

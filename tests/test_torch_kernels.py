@@ -223,3 +223,21 @@ def test_fused_rows_benchmark_reports_each_shape(capsys):
     assert all(float(r.split(": ")[1].split()[0]) > 0 for r in rows)
     with pytest.raises(SystemExit, match="--rows='2,x'"):
         fused_rows.main(["--rows", "2,x"])
+
+
+def test_fused_layouts_benchmark_checks_and_reports_each_case(capsys):
+    """``benchmarks.fused_layouts`` (the README's other layouts for the fused op): both layouts
+    equal the loop kernel in float64 with gradients (the check it runs before timing), one line
+    per shape and density with every layout's time, the environment first; bad input is one line."""
+    from benchmarks import fused_layouts
+    assert fused_layouts.check(seed=3) < 1e-9
+    plan = fused_layouts.Staircase(np.array([[0, 0, 1, 0, 0, 0], [1, 0, 0, 0, 1, 0]], bool), call_rows=0.0)
+    assert sorted(plan.flat.tolist()) == sorted(set(plan.flat.tolist())) and len(plan.flat) == 12
+    assert [n for _, _, n in plan.chunks] == sorted((n for _, _, n in plan.chunks), reverse=True)
+    assert fused_layouts.main(["--shapes", "4x6x8", "--densities", "0,0.5", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert '"torch_version"' in out[0] and "load_average" in out[0]
+    rows = [line for line in out if line.startswith("B=4 T=6 H=8")]
+    assert len(rows) == 2 and all(all(k in r for k in ("native", "fused", "pieces", "staircase")) for r in rows)
+    with pytest.raises(SystemExit, match="--densities='0.3,x'"):
+        fused_layouts.main(["--densities", "0.3,x"])
