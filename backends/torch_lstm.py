@@ -20,6 +20,9 @@ Kernels (``backend.kernel``, recorded as ``kernel`` in ``summary.json``):
   get the zero state (``torch.where``), then the cell's step (input projection hoisted).
 - ``compile``: the loop under ``torch.compile``, one graph per window shape, built in
   :meth:`TorchBackend.precompile`.
+- ``cpp``: the LSTM's time loop in C++ with the reset inside the step (:mod:`resetbench.torch_cpp`,
+  CPU only): the same cost at every reset density; compiled on first use (a C++ compiler and
+  ninja; built in :meth:`TorchBackend.precompile`, before anything is timed).
 - Baselines (roles ``native`` and ``peer`` in ``conf/backend/torch.yaml``): ``native`` is the
   plain fused kernel (no mid-window reset possible); ``peer`` is the fused kernel over
   ``pack_padded_sequence``, what a torch user writes for variable-length batches. Each batch is
@@ -47,7 +50,7 @@ from backends.base import Backend, Batch, ConfigError, ModelSpec, OptimizerSpec,
 
 # the kernels this adapter implements (backend.kernel) -> the name recorded as ``kernel``
 KERNEL_NAMES = {"fused": "torch.fused", "rewrite": "torch.rewrite", "bptt": "torch.bptt", "loop": "torch.loop",
-                "compile": "torch.compile",
+                "compile": "torch.compile", "cpp": "torch.cpp",
                 "native": "torch.native.nn_{CELL}", "peer": "torch.peer.pack_padded_sequence",
                 "torchrl": "torch.peer_reset.torchrl_{CELL}Module"}
 _COMPILED: Dict[str, Any] = {}
@@ -88,6 +91,13 @@ class TorchBackend(Backend):
             torch.set_num_threads(int(threads))
         self.dev = resolve_device(device)
         self.device = self.dev.type
+        if "cpp" in (self.kernel_option, self.eval_kernel):
+            from resetbench import torch_cpp
+            if self.dev.type != "cpu":
+                raise ConfigError("backend.kernel", "cpp", f"runs on the CPU only, not on {self.dev.type}; use device=cpu")
+            gaps = torch_cpp.missing()
+            if gaps:
+                raise ConfigError("backend.kernel", "cpp", f"needs {', '.join(gaps)} to build its C++ extension")
         kernel_name = KERNEL_NAMES[kernel]
         if kernel == "fused" and fused_implementation(spec.cell, self.dev) == "bptt":
             kernel_name = "torch.fused.bptt"               # no fused op for this cell here: bptt runs
@@ -137,6 +147,9 @@ class TorchBackend(Backend):
             return layers_torchrl(cell, inp, batch.reset, self.state, layers)
         if kernel == "bptt":
             return layers_bptt(cell, inp, torch.from_numpy(batch.reset).to(self.dev), self.state, layers)
+        if kernel == "cpp":
+            from resetbench.torch_cpp import layers_cpp
+            return layers_cpp(cell, inp, torch.from_numpy(batch.reset), self.state, layers)
         if kernel in ("rewrite", "native"):              # native: nn.LSTM's / nn.GRU's own op, whatever the device
             return layers_rewrite(cell, inp, batch.reset, self.state, layers)
         return layers_fused(cell, inp, batch.reset, self.state, layers)
@@ -226,7 +239,11 @@ class TorchBackend(Backend):
 
     def precompile(self, train_shapes, eval_shapes=()) -> None:
         """For ``kernel=compile``: build the forward+backward graphs of every train shape and the
-        no-grad graph of every eval shape on dummy tensors (weights, optimizer and state untouched)."""
+        no-grad graph of every eval shape on dummy tensors (weights, optimizer and state untouched);
+        for ``kernel=cpp``: build (or load) its C++ extension."""
+        if "cpp" in (self.kernel_option, self.eval_kernel):
+            from resetbench.torch_cpp import extension
+            extension()
         if not self._compiled:
             return
         H, cell = self.spec.hidden, CELLS[self.spec.cell]

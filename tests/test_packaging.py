@@ -50,6 +50,8 @@ def test_wheel_holds_only_the_resetbench_package(installed):
         top = {name.split("/")[0] for name in z.namelist()}
     assert {t for t in top if not t.endswith(".dist-info")} == {"resetbench"}, top
     assert not (target / "backends").exists() and not (target / "benchmarks").exists()
+    # the cpp kernel's source travels with the package (compiled on first use)
+    assert (target / "resetbench" / "csrc" / "reset_lstm.cpp").exists()
 
 
 def _run_outside(target, code: str, cwd) -> subprocess.CompletedProcess:

@@ -241,3 +241,53 @@ def test_fused_layouts_benchmark_checks_and_reports_each_case(capsys):
     assert len(rows) == 2 and all(all(k in r for k in ("native", "fused", "pieces", "staircase")) for r in rows)
     with pytest.raises(SystemExit, match="--densities='0.3,x'"):
         fused_layouts.main(["--densities", "0.3,x"])
+
+
+@pytest.mark.parametrize("H", [3, 12, 16])
+def test_cpp_kernel_matches_the_loop_at_every_width(H):
+    """``cpp`` (resetbench/torch_cpp.py) against the loop kernel in float64: two layers, resets at
+    column 0 and mid-window, a carried state; outputs, final state and every gradient. H = 3 runs
+    only the scalar tail of the C++ gate math, 12 the vector body and a tail, 16 the body only."""
+    import torch
+    from resetbench import torch_cpp
+    from resetbench.torch_layers import layers_loop
+    if torch_cpp.missing():
+        pytest.fail(f"kernel cpp cannot be built here: missing {torch_cpp.missing()}")
+    rng = np.random.default_rng(H)
+    B, T, E = 4, 11, 5
+    reset = rng.random((B, T)) < 0.25
+    reset[:, 0] = [True, False, True, False]
+    layers = [{k: rng.standard_normal(shape) * 0.7 for k, shape in (("w_x", (E if i == 0 else H, 4 * H)),
+                                                                    ("w_h", (H, 4 * H)), ("b", (4 * H,)))}
+              for i in range(2)]
+    inp, state = rng.standard_normal((B, T, E)), [rng.standard_normal((2, B, H)) for _ in range(2)]
+
+    def run(fn, dtype):
+        ws = [{k: torch.tensor(v, dtype=dtype, requires_grad=True) for k, v in p.items()} for p in layers]
+        x = torch.tensor(inp, dtype=dtype, requires_grad=True)
+        st = tuple(torch.tensor(s, dtype=dtype, requires_grad=True) for s in state)
+        out, final = fn(x, torch.from_numpy(reset), st, ws)
+        loss = (out ** 2).sum() + (final[0] ** 2).sum() + (final[1] ** 3).sum()
+        grads = torch.autograd.grad(loss, [x, *st, *(v for p in ws for v in p.values())])
+        return [t.detach().double().numpy() for t in (out, *final, *grads)]
+    want = run(lambda *a: layers_loop("lstm", *a), torch.float64)
+    got = run(lambda *a: torch_cpp.layers_cpp("lstm", *a), torch.float32)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-5 * max(1.0, float(np.abs(w).max())))
+
+
+def test_cpp_kernel_refuses_what_it_does_not_run(monkeypatch):
+    """``cpp`` runs the LSTM in float32 on a CPU; a machine that cannot build it gets one line
+    naming what is missing, when the backend is made (before any step)."""
+    import torch
+    from backends.base import ConfigError
+    from resetbench import torch_cpp
+    x, reset = torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.bool)
+    state = (torch.zeros(1, 2, 8), torch.zeros(1, 2, 8))
+    with pytest.raises(ValueError, match="allowed lstm"):
+        torch_cpp.layers_cpp("gru", x, reset, state[:1], [{}])
+    with pytest.raises(ValueError, match="float32 tensors on the CPU only"):
+        torch_cpp.layers_cpp("lstm", x.double(), reset, state, [{}])
+    monkeypatch.setattr(torch_cpp, "missing", lambda: ["a C++ compiler (c++ on PATH, or CXX)"])
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
+        make_backend("torch", SPEC, tiny_weights(0, SPEC), SGD, 2, kernel="cpp")

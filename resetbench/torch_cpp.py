@@ -1,0 +1,128 @@
+"""The ``cpp`` kernel: the LSTM's time loop in C++ with the reset inside the step (CPU, float32).
+
+The ``fused`` rewrite pays one extra step per mid-window reset (about ``1 + d`` times ``nn.LSTM``
+at a reset share d); the ``bptt`` loop pays Python and ATen overhead on every step. This kernel
+runs the loop of :class:`resetbench.torch_bptt.LstmWindow` in C++ (``csrc/reset_lstm.cpp``): per
+step one ATen matmul and the gate math vectorized in one pass, the rows that reset reading the zero
+state, so its cost does not depend on the reset density. The weights' gradient is one matmul over
+the window, here.
+
+The extension is compiled on first use on this machine (``torch.utils.cpp_extension``: a C++
+compiler and ninja, about 30 s on 2 cores) into a cache folder (``RESETBENCH_CACHE``, default
+``~/.cache/resetbench``), keyed by the source and the CPU, and loaded from there afterwards.
+:func:`missing` says what is absent before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sysconfig
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from resetbench.torch_bptt import _shifted
+
+State = Tuple[torch.Tensor, ...]
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "reset_lstm.cpp")
+_EXT = None
+
+
+def _cpu_key() -> str:
+    """What the compiled code depends on besides its source: the machine and its CPU flags
+    (``-march=native``)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()} {flags}"
+
+
+def _ninja() -> Optional[str]:
+    """The ninja program: on PATH, or the one of the ``ninja`` Python package (installed with the
+    ``torch`` extra), whose folder is then put on PATH for torch's builder."""
+    found = shutil.which("ninja")
+    if found:
+        return found
+    try:
+        import ninja
+    except ImportError:
+        return None
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    return shutil.which("ninja")
+
+
+def missing() -> List[str]:
+    """What building the extension needs and this machine lacks (empty: it can be built)."""
+    gaps = []
+    if not (os.environ.get("CXX") and shutil.which(os.environ["CXX"])) and not shutil.which("c++"):
+        gaps.append("a C++ compiler (c++ on PATH, or CXX)")
+    if _ninja() is None:
+        gaps.append("ninja (pip install ninja)")
+    if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+        gaps.append("Python's headers (Python.h)")
+    return gaps
+
+
+def extension():
+    """The compiled extension (built on first use, then loaded from the cache folder)."""
+    global _EXT
+    if _EXT is None:
+        gaps = missing()
+        if gaps:
+            raise RuntimeError(f"kernel cpp: cannot build its C++ extension here: missing {', '.join(gaps)}")
+        from torch.utils.cpp_extension import load
+        with open(SOURCE, "rb") as fh:
+            key = hashlib.sha256(fh.read() + _cpu_key().encode() + torch.__version__.encode()).hexdigest()[:16]
+        folder = os.path.join(os.environ.get("RESETBENCH_CACHE", os.path.expanduser(os.path.join("~", ".cache", "resetbench"))),
+                              f"reset_lstm_{key}")
+        os.makedirs(folder, exist_ok=True)
+        _EXT = load(name=f"resetbench_reset_lstm_{key}", sources=[SOURCE], build_directory=folder,
+                    extra_cflags=["-O3", "-march=native"], verbose=False)
+    return _EXT
+
+
+class LstmWindowCpp(torch.autograd.Function):
+    """One LSTM layer over a window: ``(xp [T, B, 4H] = x w_x + b, h0, c0 [B, H], w_h [H, 4H],
+    reset [T, B] bool) -> (outputs [T, B, H], final h, final c)``, forward and backward in C++."""
+
+    @staticmethod
+    def forward(ctx, xp, h0, c0, w_h, reset):
+        hout, cout, tcs, gates = extension().lstm_forward(xp, h0, c0, w_h, reset)
+        ctx.save_for_backward(h0, c0, hout, cout, tcs, gates, w_h, reset)
+        return hout, hout[-1].clone(), cout[-1].clone()
+
+    @staticmethod
+    def backward(ctx, dout, dh_final, dc_final):
+        h0, c0, hout, cout, tcs, gates, w_h, reset = ctx.saved_tensors
+        T, B, H = hout.shape
+        dout = dout if dout is not None else hout.new_empty(0)
+        dh_final = dh_final if dh_final is not None else torch.zeros_like(h0)
+        dc_final = dc_final if dc_final is not None else torch.zeros_like(c0)
+        dpre, dh0, dc0 = extension().lstm_backward(dout, dh_final, dc_final, gates, tcs, cout, c0, w_h, reset)
+        dw_h = _shifted(h0, hout, reset).reshape(T * B, H).t() @ dpre.reshape(T * B, 4 * H)
+        return dpre, dh0, dc0, dw_h, None
+
+
+def layers_cpp(cell: str, inp: torch.Tensor, reset: torch.Tensor, state: State,
+               layers: Sequence[dict]) -> Tuple[torch.Tensor, State]:
+    """Every layer through :class:`LstmWindowCpp`. ``inp`` [B, T, in] float32 on the CPU,
+    ``reset`` [B, T] bool tensor, ``state`` one [L, B, H] tensor per state component. Returns the
+    outputs [B, T, H] and the final state."""
+    if cell != "lstm":
+        raise ValueError(f"layers_cpp cell={cell!r}: allowed lstm")
+    if inp.device.type != "cpu" or inp.dtype != torch.float32:
+        raise ValueError(f"layers_cpp: float32 tensors on the CPU only, got {inp.dtype} on {inp.device}")
+    reset_tm = reset.t().contiguous().to(torch.bool)
+    x = inp.transpose(0, 1)                               # time-major
+    finals = []
+    for layer, p in enumerate(layers):
+        x, h, c = LstmWindowCpp.apply((torch.matmul(x, p["w_x"]) + p["b"]).contiguous(), state[0][layer],
+                                      state[1][layer], p["w_h"], reset_tm)
+        finals.append((h, c))
+    return x.transpose(0, 1), tuple(torch.stack(parts) for parts in zip(*finals))
