@@ -20,6 +20,8 @@
 - ``loop`` kernel (:func:`layer_loop`): one time loop for every cell; before each step the rows
   that reset get the zero state (``torch.where``: a select, so NaN and inf are cleared too), then
   the cell's step (:func:`lstm_cell`, :func:`gru_cell`).
+- ``cpp`` kernel (:func:`resetbench.torch_cpp.layers_cpp`, the LSTM on a CPU): the ``bptt`` loop in
+  C++, compiled on first use; its cost does not depend on the reset density either.
 - :func:`layers_packed`: the framework's kernel over ``pack_padded_sequence`` (a baseline).
 
 Weights are resetbench's canonical layout, one dict per layer (keys without the ``<cell>.<l>.``
@@ -474,8 +476,9 @@ class _ResetRNN(torch.nn.Module):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, batch_first: bool = False,
                  kernel: str = "fused"):
         super().__init__()
-        if kernel not in ("fused", "rewrite", "bptt", "loop"):
-            raise ValueError(f"{type(self).__name__} kernel={kernel!r}: allowed fused, rewrite, bptt, loop")
+        allowed = ("fused", "rewrite", "bptt", "loop") + (("cpp",) if self.cell == "lstm" else ())
+        if kernel not in allowed:
+            raise ValueError(f"{type(self).__name__} kernel={kernel!r}: allowed {', '.join(allowed)}")
         if num_layers < 1:
             raise ValueError(f"{type(self).__name__} num_layers={num_layers!r}: must be at least 1")
         self.input_size, self.hidden_size, self.num_layers = int(input_size), int(hidden_size), int(num_layers)
@@ -536,6 +539,9 @@ class _ResetRNN(torch.nn.Module):
             out, final = layers_rewrite(self.cell, x, reset.detach().bool().cpu().numpy(), state, layers)
         elif self.kernel == "bptt":
             out, final = layers_bptt(self.cell, x, reset.bool(), state, layers)
+        elif self.kernel == "cpp":          # the C++ loop (resetbench.torch_cpp: CPU, float32; built on first use)
+            from resetbench.torch_cpp import layers_cpp
+            out, final = layers_cpp(self.cell, x, reset.bool(), state, layers)
         else:
             out, final = layers_loop(self.cell, x, reset.bool(), state, layers)
         out = out if self.batch_first else out.transpose(0, 1)
