@@ -37,17 +37,12 @@ class Pieces:
     state), ``final`` (the row's last piece: ends the row's final state)."""
 
     def __init__(self, reset: np.ndarray):
-        B, T = reset.shape
-        starts = reset.copy()
-        starts[:, 0] = True
-        rows, cols = np.nonzero(starts)
-        same = np.r_[rows[1:] == rows[:-1], False]
-        size = np.where(same, np.r_[cols[1:], 0], T) - cols
+        from resetbench.torch_layers import row_pieces
+        row, start, size, final = row_pieces(reset)
         order = np.argsort(-size, kind="stable")
-        self.B, self.T = B, T
-        self.row, self.start, self.size = rows[order], cols[order], size[order]
+        self.B, self.T = reset.shape
+        self.row, self.start, self.size, self.final = row[order], start[order], size[order], final[order]
         self.carried = (self.start == 0) & ~reset[self.row, 0]
-        self.final = ~same[order]
 
 
 def _initial(pieces: Pieces, state, H: int):

@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from resetbench.torch_bptt import _shifted
+from resetbench.torch_bptt import _carried_grad, _shifted
 
 State = Tuple[torch.Tensor, ...]
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "reset_lstm.cpp")
@@ -102,9 +102,8 @@ class LstmWindowCpp(torch.autograd.Function):
         h0, c0, hout, cout, tcs, gates, w_h, reset = ctx.saved_tensors
         T, B, H = hout.shape
         dout = dout if dout is not None else hout.new_empty(0)
-        dh_final = dh_final if dh_final is not None else torch.zeros_like(h0)
-        dc_final = dc_final if dc_final is not None else torch.zeros_like(c0)
-        dpre, dh0, dc0 = extension().lstm_backward(dout, dh_final, dc_final, gates, tcs, cout, c0, w_h, reset)
+        dpre, dh0, dc0 = extension().lstm_backward(dout, _carried_grad(dh_final, h0), _carried_grad(dc_final, c0),
+                                                   gates, tcs, cout, c0, w_h, reset)
         dw_h = _shifted(h0, hout, reset).reshape(T * B, H).t() @ dpre.reshape(T * B, 4 * H)
         return dpre, dh0, dc0, dw_h, None
 

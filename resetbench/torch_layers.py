@@ -116,14 +116,8 @@ class FusedPlan:
         mid[:, 0] = False                                   # column 0: zero the initial state instead
         k = mid.sum(axis=1)
         self.K = int(k.max(initial=0))
-        rows, cols = np.nonzero(mid)                        # row-major: sorted by row, then column
-        pb = np.concatenate([np.arange(B), rows])           # pieces: row, first column, length
-        pa = np.concatenate([np.zeros(B, np.int64), cols])
-        order = np.lexsort((pa, pb))
-        pb, pa = pb[order], pa[order]
-        same = np.r_[pb[1:] == pb[:-1], False]
-        size = np.where(same, np.r_[pa[1:], 0], T) - pa
-        first, final = pa == 0, ~same
+        pb, pa, size, final = row_pieces(reset)             # pieces: row, first column, length
+        first = pa == 0
         home = pb.copy()
         T2 = T + self.K
         if balance and self.K:
@@ -143,6 +137,19 @@ class FusedPlan:
         self.hold = (np.arange(self.T2)[None, :] > end[:, None]).astype(np.float32)
         self.flat = np.repeat(home * self.T2 + off - pa, size) + np.tile(np.arange(T), B)
         self.last = np.arange(B) * self.T2 + end
+
+
+def row_pieces(reset: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A window's *pieces*: each row's runs of tokens between resets (a row starts one at column 0
+    whether it resets there or not). Returns ``row``, ``start`` (first column), ``size`` and
+    ``final`` (the row's last piece) per piece, sorted by row, then column."""
+    B, T = reset.shape
+    starts = reset.copy()
+    starts[:, 0] = True
+    row, start = np.nonzero(starts)                         # row-major: sorted by row, then column
+    final = np.r_[row[1:] != row[:-1], True]
+    size = np.where(final, T, np.r_[start[1:], 0]) - start
+    return row, start, size, final
 
 
 def _balance(row: np.ndarray, size: np.ndarray, fixed: np.ndarray, k: np.ndarray, T: int) -> Tuple[np.ndarray, int]:
@@ -472,13 +479,13 @@ class _ResetRNN(torch.nn.Module):
     """The modules' common part: layers of one cell, in canonical layout, shaped like nn.LSTM."""
 
     cell = "abstract"
+    kernels: Tuple[str, ...] = ("fused", "rewrite", "bptt", "loop")      # the values of ``kernel``
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, batch_first: bool = False,
                  kernel: str = "fused"):
         super().__init__()
-        allowed = ("fused", "rewrite", "bptt", "loop") + (("cpp",) if self.cell == "lstm" else ())
-        if kernel not in allowed:
-            raise ValueError(f"{type(self).__name__} kernel={kernel!r}: allowed {', '.join(allowed)}")
+        if kernel not in self.kernels:
+            raise ValueError(f"{type(self).__name__} kernel={kernel!r}: allowed {', '.join(self.kernels)}")
         if num_layers < 1:
             raise ValueError(f"{type(self).__name__} num_layers={num_layers!r}: must be at least 1")
         self.input_size, self.hidden_size, self.num_layers = int(input_size), int(hidden_size), int(num_layers)
@@ -576,9 +583,11 @@ class ResetLSTM(_ResetRNN):
     ``layer(x, reset, (h0, c0)) -> out, (h, c)``, state tensors ``[num_layers, B, H]``. Row b's
     state is replaced by zeros before step t where ``reset`` is set (which cuts the gradient and
     clears a NaN). Parameters per layer l: ``w_x_l{l}`` [in, 4H], ``w_h_l{l}`` [H, 4H], ``b_l{l}``
-    [4H] (gates i, f, g, o; nn.LSTM's ``weight_ih_l{l} = w_x.T``, ``bias_ih + bias_hh = b``)."""
+    [4H] (gates i, f, g, o; nn.LSTM's ``weight_ih_l{l} = w_x.T``, ``bias_ih + bias_hh = b``).
+    ``kernel="cpp"`` (the LSTM only): the C++ loop of :mod:`resetbench.torch_cpp` (CPU, float32)."""
 
     cell = "lstm"
+    kernels = _ResetRNN.kernels + ("cpp",)
 
     def zero_state(self, batch: int, like: torch.Tensor):
         z = like.new_zeros(self.num_layers, batch, self.hidden_size)

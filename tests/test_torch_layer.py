@@ -23,16 +23,19 @@ def _state(cell, L, B, H, gen):
     return state if cell == "lstm" else state[0]
 
 
-KERNELS = ["fused", "rewrite", "bptt", "loop", "cpp"]          # cpp: the LSTM only
+# every (cell, kernel) the layer modules offer (their ``kernels``)
+CASES = [(cell, kernel) for cell in sorted(LAYERS) for kernel in LAYERS[cell][0].kernels]
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("cell", sorted(LAYERS))
+def test_a_kernel_the_cell_lacks_is_refused():
+    """``cpp`` runs the LSTM only: ResetGRU names what it allows."""
+    assert "cpp" in LAYERS["lstm"][0].kernels and "cpp" not in LAYERS["gru"][0].kernels
+    with pytest.raises(ValueError, match="allowed fused, rewrite, bptt, loop$"):
+        LAYERS["gru"][0](5, 7, kernel="cpp")
+
+
+@pytest.mark.parametrize("cell,kernel", CASES)
 def test_equals_torch_without_resets(cell, kernel):
-    if kernel == "cpp" and cell != "lstm":
-        with pytest.raises(ValueError, match="allowed fused, rewrite, bptt, loop$"):
-            LAYERS[cell][0](5, 7, kernel=kernel)
-        return
     torch.manual_seed(0)
     Reset, Torch = LAYERS[cell]
     ref_layer = Torch(5, 7, num_layers=2, batch_first=True)
@@ -49,13 +52,10 @@ def test_equals_torch_without_resets(cell, kernel):
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("cell", sorted(LAYERS))
+@pytest.mark.parametrize("cell,kernel", CASES)
 def test_resets_match_the_oracle_and_state_carries(cell, kernel, batch_first):
     """Two layers, mid-window resets, a carried state, two consecutive windows, outputs and
     gradients against the NumPy oracle (an identity 'embedding' feeds x)."""
-    if kernel == "cpp" and cell != "lstm":
-        return                              # refused: test_equals_torch_without_resets
     torch.manual_seed(1)
     Reset, _ = LAYERS[cell]
     layer = Reset(4, 6, num_layers=2, batch_first=batch_first, kernel=kernel)
