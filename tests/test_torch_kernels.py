@@ -243,16 +243,21 @@ def test_fused_layouts_benchmark_checks_and_reports_each_case(capsys):
         fused_layouts.main(["--densities", "0.3,x"])
 
 
-@pytest.mark.parametrize("H", [3, 12, 16])
-def test_cpp_kernel_matches_the_loop_at_every_width(H):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed_gemm", "aten_mm"])
+@pytest.mark.parametrize("H", [3, 20, 32])
+def test_cpp_kernel_matches_the_loop_at_every_width(H, packed, monkeypatch):
     """``cpp`` (resetbench/torch_cpp.py) against the loop kernel in float64: two layers, resets at
     column 0 and mid-window, a carried state; outputs, final state and every gradient. H = 3 runs
-    only the scalar tail of the C++ gate math, 12 the vector body and a tail, 16 the body only."""
+    only the scalar tail of the C++ gate math (16 wide), 20 the vector body and a tail, 32 the body
+    only;
+    each through MKL's packed GEMM (which a torch built with MKL must offer) and through ATen's."""
     import torch
     from resetbench import torch_cpp
     from resetbench.torch_layers import layers_loop
     if torch_cpp.missing():
         pytest.fail(f"kernel cpp cannot be built here: missing {torch_cpp.missing()}")
+    monkeypatch.setattr(torch_cpp, "PACKED_GEMM", packed)
+    assert torch_cpp.packed_gemm() == (packed and torch.backends.mkl.is_available())
     rng = np.random.default_rng(H)
     B, T, E = 4, 11, 5
     reset = rng.random((B, T)) < 0.25
