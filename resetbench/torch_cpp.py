@@ -22,7 +22,9 @@ import hashlib
 import os
 import platform
 import shutil
+import sys
 import sysconfig
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -32,6 +34,7 @@ from resetbench.torch_bptt import _carried_grad, _shifted
 State = Tuple[torch.Tensor, ...]
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "reset_lstm.cpp")
 _EXT = None
+_READY: Optional[bool] = None      # ready(): None until asked once in this process
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]   # OpenMP: ATen's parallel_for splits the gate math over threads
 PACKED_GEMM = True      # use MKL's packed GEMM where the process has it (False: ATen's matmul each step)
 
@@ -87,9 +90,28 @@ def extension():
         folder = os.path.join(os.environ.get("RESETBENCH_CACHE", os.path.expanduser(os.path.join("~", ".cache", "resetbench"))),
                               f"reset_lstm_{key}")
         os.makedirs(folder, exist_ok=True)
+        if not any(name.endswith(".so") for name in os.listdir(folder)):
+            print(f"resetbench: compiling the cpp kernel's C++ extension into {folder} (once; ~30 s on 2 cores)",
+                  file=sys.stderr, flush=True)
         _EXT = load(name=f"resetbench_reset_lstm_{key}", sources=[SOURCE], build_directory=folder,
                     extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     return _EXT
+
+
+def ready() -> bool:
+    """Whether the extension can be used in this process: built (or loaded) on the first call.
+    Where it cannot be built, warns once naming why and returns False, so that the ``fused``
+    kernel keeps oneDNN's rewrite (``kernel=cpp`` itself refuses with a one-line error instead)."""
+    global _READY
+    if _READY is None:
+        try:
+            extension()
+            _READY = True
+        except Exception as err:           # no compiler, a failed build: fused keeps the rewrite
+            warnings.warn(f"resetbench: kernel fused runs the LSTM through oneDNN's rewrite (about one extra "
+                          f"step per mid-window reset), not the C++ loop: {str(err).splitlines()[0][:300]}")
+            _READY = False
+    return _READY
 
 
 class LstmWindowCpp(torch.autograd.Function):

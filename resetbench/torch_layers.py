@@ -2,8 +2,11 @@
 
 - :class:`ResetLSTM`, :class:`ResetGRU`: ``nn.Module`` layers shaped like ``nn.LSTM``/``nn.GRU``
   (``num_layers``, ``batch_first``, state tensors ``[L, B, H]``), called with a ``reset`` mask.
-- ``fused`` kernel (:func:`layers_fused`): where PyTorch has a fused op for the cell and device
-  (the LSTM: oneDNN on a CPU, cuDNN on a GPU; the GRU: cuDNN), that op (``torch._VF.lstm`` /
+- ``fused`` kernel (:func:`layers_fused`): the fastest exact implementation for the cell and
+  device. The LSTM on a CPU in float32: the ``cpp`` kernel below on windows with mid-window resets
+  (one plain oneDNN call on the others); where the C++ extension cannot be built, and for every
+  other cell and device that has one, PyTorch's fused op (the LSTM: oneDNN on a CPU, cuDNN on a
+  GPU; the GRU: cuDNN), that op (``torch._VF.lstm`` /
   ``torch._VF.gru``, behind ``nn.LSTM``/``nn.GRU``) made reset-aware by rewriting the window
   (:func:`layers_rewrite`): the window is cut in time into calls (:func:`time_chunks`: a reset at a
   call's first column is a select on the state between calls), and inside a call one *zeroing*
@@ -440,18 +443,32 @@ def has_fused_op(cell: str, device: torch.device) -> bool:
     return cell == "lstm" and device.type == "cpu" and bool(torch.backends.mkldnn.is_available())
 
 
-def fused_implementation(cell: str, device: torch.device) -> str:
-    """What the ``fused`` kernel runs for ``cell`` on ``device``: ``rewrite`` (through the fused
-    op, :func:`layers_rewrite`) or ``bptt`` (:func:`resetbench.torch_bptt.layers_bptt`)."""
+def fused_implementation(cell: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """What the ``fused`` kernel runs for ``cell`` on ``device`` in ``dtype``: ``cpp`` (the LSTM on
+    a CPU in float32 where the C++ loop of :mod:`resetbench.torch_cpp` builds: windows with
+    mid-window resets run it, the others one plain fused call), ``rewrite`` (through the fused op,
+    :func:`layers_rewrite`) or ``bptt`` (:func:`resetbench.torch_bptt.layers_bptt`)."""
+    if cell == "lstm" and device.type == "cpu" and dtype == torch.float32:
+        from resetbench import torch_cpp
+        if torch_cpp.ready():
+            return "cpp"
     return "rewrite" if has_fused_op(cell, device) else "bptt"
 
 
 def layers_fused(cell: str, inp: torch.Tensor, reset: np.ndarray, state: State, layers: Sequence[Layer]):
-    """The ``fused`` kernel: the rewrite through the framework's fused op (:func:`layers_rewrite`)
-    where PyTorch has one for the cell and device, else the hand-written BPTT loop (GRU on a
-    CPU, where the loop measures faster than ATen's step-by-step GRU at every reset density).
-    ``reset`` [B, T] bool NumPy array; ``state`` one [L, B, H] tensor per state component."""
-    if fused_implementation(cell, inp.device) == "rewrite":
+    """The ``fused`` kernel, the fastest exact implementation measured for the cell and device
+    (:func:`fused_implementation`): the LSTM on a CPU through the C++ loop (its cost does not depend
+    on the reset density; oneDNN's rewrite pays about one step per mid-window reset), a window
+    without mid-window resets as one plain fused call; elsewhere the rewrite through the
+    framework's fused op (:func:`layers_rewrite`) where PyTorch has one for the cell and device,
+    else the hand-written BPTT loop (the GRU on a CPU, where the loop measures faster than ATen's
+    step-by-step GRU at every reset density). ``reset`` [B, T] bool NumPy array; ``state`` one
+    [L, B, H] tensor per state component."""
+    impl = fused_implementation(cell, inp.device, inp.dtype)
+    if impl == "cpp" and (reset[:, 1:].any() or not has_fused_op(cell, inp.device)):
+        from resetbench.torch_cpp import layers_cpp
+        return layers_cpp(cell, inp, torch.from_numpy(np.ascontiguousarray(reset)), state, layers)
+    if impl in ("cpp", "rewrite"):
         return layers_rewrite(cell, inp, reset, state, layers)
     return layers_bptt(cell, inp, torch.from_numpy(np.ascontiguousarray(reset)).to(inp.device), state, layers)
 

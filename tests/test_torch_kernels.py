@@ -201,14 +201,63 @@ def test_time_chunks_is_the_cheapest_plan(balance):
         assert cost(reset, chunks, call_cost, max_steps) == pytest.approx(best)
 
 
-def test_fused_runs_bptt_only_where_pytorch_has_no_fused_op():
-    """The recorded kernel says what ran: the GRU on a CPU has no fused op in PyTorch."""
+def test_fused_records_what_it_runs():
+    """The recorded kernel says what ran: the GRU on a CPU has no fused op in PyTorch (bptt), the
+    LSTM on a CPU runs the C++ loop (this machine builds it: the cpp tests require it)."""
     gru = dataclasses.replace(SPEC, cell="gru")
     assert make_backend("torch", gru, tiny_weights(0, gru), SGD, 2, kernel="fused").kernel \
         == "torch.fused.bptt"
     lstm = make_backend("torch", SPEC, tiny_weights(0, SPEC), SGD, 2, kernel="fused")
+    assert lstm.kernel == "torch.fused.cpp"
+
+
+def _lstm_window(reset_rows, dtype=None):
+    """A float32 LSTM window (B=3, T=7, E=4, H=16) with the given reset rows, weights and state."""
     import torch
+    rng = np.random.default_rng(7)
+    H, E = 16, 4
+    layer = {k: torch.tensor(rng.standard_normal(shape) * 0.5, dtype=torch.float32)
+             for k, shape in (("w_x", (E, 4 * H)), ("w_h", (H, 4 * H)), ("b", (4 * H,)))}
+    inp = torch.tensor(rng.standard_normal((3, 7, E)), dtype=torch.float32)
+    state = tuple(torch.tensor(rng.standard_normal((1, 3, H)), dtype=torch.float32) for _ in range(2))
+    return inp, np.array(reset_rows, bool), state, [layer]
+
+
+def test_fused_runs_the_cpp_loop_on_windows_with_mid_window_resets():
+    """On a CPU in float32 the LSTM's ``fused`` is the C++ loop where a row resets mid-window
+    (bitwise its result) and one plain oneDNN call elsewhere (bitwise the rewrite's)."""
+    import torch
+    from resetbench import torch_cpp
+    from resetbench.torch_layers import fused_implementation, layers_fused, layers_rewrite
+    assert fused_implementation("lstm", torch.device("cpu")) == "cpp"
+    assert fused_implementation("lstm", torch.device("cpu"), torch.float64) == "rewrite"
+    mid = [[1, 0, 0, 1, 0, 0, 0], [0] * 7, [1, 0, 0, 0, 0, 1, 0]]
+    fresh = [[1, 0, 0, 0, 0, 0, 0], [0] * 7, [1, 0, 0, 0, 0, 0, 0]]
+    for rows, other in ((mid, lambda i, r, s, l: torch_cpp.layers_cpp("lstm", i, torch.from_numpy(r), s, l)),
+                        (fresh, lambda i, r, s, l: layers_rewrite("lstm", i, r, s, l))):
+        inp, reset, state, layers = _lstm_window(rows)
+        got, want = layers_fused("lstm", inp, reset, state, layers), other(inp, reset, state, layers)
+        for g, w in zip([got[0], *got[1]], [want[0], *want[1]]):
+            assert torch.equal(g, w)
+
+
+def test_fused_keeps_the_rewrite_where_the_cpp_loop_cannot_be_built(monkeypatch):
+    """No C++ compiler: one warning naming why, the kernel recorded as ``torch.fused`` (oneDNN's
+    rewrite), and a window with mid-window resets still exact (against the loop)."""
+    import torch
+    from resetbench import torch_cpp
+    from resetbench.torch_layers import layers_fused, layers_loop
+    monkeypatch.setattr(torch_cpp, "_READY", None)
+    monkeypatch.setattr(torch_cpp, "_EXT", None)
+    monkeypatch.setattr(torch_cpp, "missing", lambda: ["a C++ compiler (c++ on PATH, or CXX)"])
+    with pytest.warns(UserWarning, match="not the C\\+\\+ loop: .*missing a C\\+\\+ compiler"):
+        lstm = make_backend("torch", SPEC, tiny_weights(0, SPEC), SGD, 2, kernel="fused")
     assert lstm.kernel == ("torch.fused" if torch.backends.mkldnn.is_available() else "torch.fused.bptt")
+    inp, reset, state, layers = _lstm_window([[1, 0, 0, 1, 0, 0, 0], [0] * 7, [1, 0, 0, 0, 0, 1, 0]])
+    got = layers_fused("lstm", inp, reset, state, layers)
+    want = layers_loop("lstm", inp, torch.from_numpy(reset), state, layers)
+    for g, w in zip([got[0], *got[1]], [want[0], *want[1]]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_rows_benchmark_reports_each_shape(capsys):
