@@ -4,15 +4,18 @@ Parameters are kept in canonical layout, so import and export are copies; the la
 :mod:`resetbench.torch_layers` (read its docstring for how each kernel keeps the reset exact).
 Kernels (``backend.kernel``, recorded as ``kernel`` in ``summary.json``):
 
-- ``fused`` (default): the framework's fused kernel (``torch._VF.lstm`` / ``torch._VF.gru``, the
-  ops behind ``nn.LSTM``/``nn.GRU``: oneDNN for the LSTM on the CPU, cuDNN on a GPU) on the window
-  rewritten with zeroing and hold steps driven by saturating flag columns, the pieces between
-  resets packed across rows (a window of B rows with R mid-window resets costs about
-  ``T + R / B`` steps instead of T); a window without mid-window resets is one plain fused call; a window whose rewritten outputs are
-  not finite runs again through ``loop``. Where PyTorch has no fused op for the cell (the GRU on
-  a CPU) it runs ``bptt`` instead, recorded as ``kernel`` ``torch.fused.bptt``.
-- ``rewrite``: the rewrite of ``fused`` whatever the device (for the GRU on a CPU, through ATen's
-  step-by-step GRU: slower than ``bptt``, kept so it is measured and tested there).
+- ``fused`` (default): the fastest exact implementation for the cell and device. The LSTM on a
+  CPU in float32: ``cpp`` on windows with mid-window resets, one plain oneDNN call on the others
+  (recorded as ``kernel`` ``torch.fused.cpp``; where the C++ extension cannot be built, one warning
+  and ``rewrite``, recorded as ``torch.fused``); the GRU on a CPU (PyTorch has no fused GRU there):
+  ``bptt``, recorded as ``torch.fused.bptt``; on a GPU: ``rewrite`` (cuDNN).
+- ``rewrite``: the framework's fused kernel (``torch._VF.lstm`` / ``torch._VF.gru``, the ops behind
+  ``nn.LSTM``/``nn.GRU``: oneDNN for the LSTM on the CPU, cuDNN on a GPU) on the window rewritten
+  with zeroing and hold steps driven by saturating flag columns, the pieces between resets packed
+  across rows (a window of B rows with R mid-window resets costs about ``T + R / B`` steps instead
+  of T); a window without mid-window resets is one plain fused call; a window whose rewritten
+  outputs are not finite runs again through ``loop``. On every device (for the GRU on a CPU,
+  through ATen's step-by-step GRU: slower than ``bptt``, kept so it is measured and tested there).
 - ``bptt``: a time loop with a hand-written backward pass (:mod:`resetbench.torch_bptt`), one
   autograd node per layer and window; the reset is a select, so the cost does not depend on the
   reset density.

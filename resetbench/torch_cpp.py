@@ -1,19 +1,21 @@
 """The ``cpp`` kernel: the LSTM's time loop in C++ with the reset inside the step (CPU, float32).
 
-The ``fused`` rewrite pays one extra step per mid-window reset (about ``1 + d`` times ``nn.LSTM``
-at a reset share d); the ``bptt`` loop pays Python and ATen overhead on every step. This kernel
-runs the loop of :class:`resetbench.torch_bptt.LstmWindow` in C++ (``csrc/reset_lstm.cpp``): per
-step one matmul and the gate math vectorized in one pass over the threads, the rows that reset
-reading the zero state, so its cost does not depend on the reset density. The weights' gradient is
-one matmul over the window, here. The per-step matmul is MKL's packed GEMM (the recurrent weights
-packed once per window, as oneDNN's fused RNN does) where torch's BLAS exports it, else ATen's
-matmul; :data:`PACKED_GEMM` turns the first off (the tests run both). Measured here: the packed
-GEMM and the threaded gate math took the kernel from 0.79-0.84x to 0.91-1.01x ``nn.LSTM``.
+The ``rewrite`` kernel (oneDNN's fused LSTM on a rewritten window) pays one extra step per
+mid-window reset (about ``1 + d`` times ``nn.LSTM`` at a reset share d); the ``bptt`` loop pays
+Python and ATen overhead on every step. This kernel (what ``fused`` runs on a CPU for windows
+with mid-window resets) runs the loop of :class:`resetbench.torch_bptt.LstmWindow` in C++
+(``csrc/reset_lstm.cpp``): per step one matmul and the gate math vectorized in one pass over the
+threads, the rows that reset reading the zero state, so its cost does not depend on the reset
+density. The weights' gradient is one matmul over the window, here. The per-step matmul is MKL's
+packed GEMM (the recurrent weights packed once per window, as oneDNN's fused RNN does) where
+torch's BLAS exports it, else ATen's matmul; :data:`PACKED_GEMM` turns the first off (the tests
+run both). Measured here: the packed GEMM and the threaded gate math took the kernel from
+0.78-0.84x to 0.92-1.03x ``nn.LSTM`` (layers alone, results/tables/kernels.csv).
 
 The extension is compiled on first use on this machine (``torch.utils.cpp_extension``: a C++
 compiler and ninja, about 30 s on 2 cores) into a cache folder (``RESETBENCH_CACHE``, default
-``~/.cache/resetbench``), keyed by the source, the compiler flags, the CPU and torch's version, and loaded from there afterwards.
-:func:`missing` says what is absent before anything is compiled.
+``~/.cache/resetbench``), keyed by the source, the compiler flags, the CPU and torch's version,
+and loaded from there afterwards. :func:`missing` says what is absent before anything is compiled.
 """
 
 from __future__ import annotations
