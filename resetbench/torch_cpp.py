@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from resetbench.torch_bptt import _carried_grad, _shifted
+from resetbench.torch_bptt import _carried_grad
 
 State = Tuple[torch.Tensor, ...]
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "reset_lstm.cpp")
@@ -117,24 +117,25 @@ def ready() -> bool:
 
 
 class LstmWindowCpp(torch.autograd.Function):
-    """One LSTM layer over a window: ``(xp [T, B, 4H] = x w_x + b, h0, c0 [B, H], w_h [H, 4H],
-    reset [T, B] bool) -> (outputs [T, B, H], final h, final c)``, forward and backward in C++."""
+    """One LSTM layer over a window: ``(xp [T, B, 4H] = x w_x, b [4H], h0, c0 [B, H], w_h [H, 4H],
+    reset [T, B] bool) -> (outputs [T, B, H], final h, final c)``, forward and backward in C++ (the
+    bias is added in the gate pass, not as a pass of its own)."""
 
     @staticmethod
-    def forward(ctx, xp, h0, c0, w_h, reset):
-        hout, cout, tcs, gates = extension().lstm_forward(xp, h0, c0, w_h, reset, PACKED_GEMM)
-        ctx.save_for_backward(h0, c0, hout, cout, tcs, gates, w_h, reset)
+    def forward(ctx, xp, b, h0, c0, w_h, reset):
+        hout, cout, tcs, gates, hins = extension().lstm_forward(xp, b, h0, c0, w_h, reset, PACKED_GEMM)
+        ctx.save_for_backward(c0, hins, cout, tcs, gates, w_h, reset)
         return hout, hout[-1].clone(), cout[-1].clone()
 
     @staticmethod
     def backward(ctx, dout, dh_final, dc_final):
-        h0, c0, hout, cout, tcs, gates, w_h, reset = ctx.saved_tensors
-        T, B, H = hout.shape
-        dout = dout if dout is not None else hout.new_empty(0)
-        dpre, dh0, dc0 = extension().lstm_backward(dout, _carried_grad(dh_final, h0), _carried_grad(dc_final, c0),
+        c0, hins, cout, tcs, gates, w_h, reset = ctx.saved_tensors
+        T, B, H = hins.shape
+        dout = dout if dout is not None else hins.new_empty(0)
+        dpre, dh0, dc0 = extension().lstm_backward(dout, _carried_grad(dh_final, c0), _carried_grad(dc_final, c0),
                                                    gates, tcs, cout, c0, w_h, reset, PACKED_GEMM)
-        dw_h = _shifted(h0, hout, reset).reshape(T * B, H).t() @ dpre.reshape(T * B, 4 * H)
-        return dpre, dh0, dc0, dw_h, None
+        flat = dpre.reshape(T * B, 4 * H)
+        return flat.view(T, B, 4 * H), flat.sum(0), dh0, dc0, hins.reshape(T * B, H).t() @ flat, None
 
 
 def packed_gemm() -> bool:
@@ -155,7 +156,7 @@ def layers_cpp(cell: str, inp: torch.Tensor, reset: torch.Tensor, state: State,
     x = inp.transpose(0, 1)                               # time-major
     finals = []
     for layer, p in enumerate(layers):
-        x, h, c = LstmWindowCpp.apply((torch.matmul(x, p["w_x"]) + p["b"]).contiguous(), state[0][layer],
+        x, h, c = LstmWindowCpp.apply(torch.matmul(x, p["w_x"]).contiguous(), p["b"], state[0][layer],
                                       state[1][layer], p["w_h"], reset_tm)
         finals.append((h, c))
     return x.transpose(0, 1), tuple(torch.stack(parts) for parts in zip(*finals))

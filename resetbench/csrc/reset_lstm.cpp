@@ -49,10 +49,11 @@ static inline vf ld(const float *p) { vf v; std::memcpy(&v, p, sizeof v); return
 static inline void st(float *p, vf v) { std::memcpy(p, &v, sizeof v); }
 
 // one step forward, rows b0..b1: z [B, 4H] the recurrent product (h w_h) in, the gates' activations
-// (i, f, g, o) out; xp [B, 4H] the input projection added to it; cin [B, H] the cell state entering
-// the step; writes c, tanh(c), h [B, H]
-static void step_forward(int64_t b0, int64_t b1, int64_t H, float *z, const float *xp, const float *cin, float *c,
-                         float *tc, float *h) {
+// (i, f, g, o) out; xp [B, 4H] the input projection (x w_x) and bias [4H] added to it; cin [B, H]
+// the cell state entering the step; writes c, tanh(c), h [B, H]
+static void step_forward(int64_t b0, int64_t b1, int64_t H, float *z, const float *xp, const float *bias,
+                         const float *cin, float *c, float *tc, float *h) {
+    const float *bi = bias, *bf = bi + H, *bg = bf + H, *bo = bg + H;
     for (int64_t b = b0; b < b1; b++) {
         float *zi = z + b * 4 * H, *zf = zi + H, *zg = zf + H, *zo = zg + H;
         const float *xi = xp + b * 4 * H, *xf = xi + H, *xg = xf + H, *xo = xg + H;
@@ -60,15 +61,16 @@ static void step_forward(int64_t b0, int64_t b1, int64_t H, float *z, const floa
         float *cb = c + b * H, *tb = tc + b * H, *hb = h + b * H;
         int64_t j = 0;
         for (; j + W <= H; j += W) {
-            vf i = sigm(ld(zi + j) + ld(xi + j)), f = sigm(ld(zf + j) + ld(xf + j)),
-               g = tanhv(ld(zg + j) + ld(xg + j)), o = sigm(ld(zo + j) + ld(xo + j));
+            vf i = sigm(ld(zi + j) + ld(xi + j) + ld(bi + j)), f = sigm(ld(zf + j) + ld(xf + j) + ld(bf + j)),
+               g = tanhv(ld(zg + j) + ld(xg + j) + ld(bg + j)), o = sigm(ld(zo + j) + ld(xo + j) + ld(bo + j));
             st(zi + j, i); st(zf + j, f); st(zg + j, g); st(zo + j, o);
             vf cc = f * ld(cp + j) + i * g;
             vf t = tanhv(cc);
             st(cb + j, cc); st(tb + j, t); st(hb + j, o * t);
         }
         for (; j < H; j++) {
-            float i = sigm1(zi[j] + xi[j]), f = sigm1(zf[j] + xf[j]), g = tanh1(zg[j] + xg[j]), o = sigm1(zo[j] + xo[j]);
+            float i = sigm1(zi[j] + xi[j] + bi[j]), f = sigm1(zf[j] + xf[j] + bf[j]),
+                  g = tanh1(zg[j] + xg[j] + bg[j]), o = sigm1(zo[j] + xo[j] + bo[j]);
             zi[j] = i; zf[j] = f; zg[j] = g; zo[j] = o;
             float cc = f * cp[j] + i * g, t = tanh1(cc);
             cb[j] = cc; tb[j] = t; hb[j] = o * t;
@@ -114,6 +116,14 @@ static void step_backward(int64_t b0, int64_t b1, int64_t H, const float *dh, co
 // rows per thread for the gate math: split a step across the threads only when each gets some
 // thousands of elements (a parallel region costs microseconds)
 static inline int64_t grain(int64_t H) { return std::max<int64_t>(1, 2048 / H); }
+
+// dst [B, H] = src with the rows of reset[t] zeroed
+static void enter_into(const float *src, float *dst, const bool *rt, int64_t B, int64_t H) {
+    for (int64_t b = 0; b < B; b++) {
+        if (rt[b]) std::memset(dst + b * H, 0, H * sizeof(float));
+        else std::memcpy(dst + b * H, src + b * H, H * sizeof(float));
+    }
+}
 
 // the state entering step t: src [B,H] with the rows of reset[t] zeroed (into buf if any)
 static const float *entering(const float *src, float *buf, const bool *rt, int64_t B, int64_t H) {
@@ -179,36 +189,38 @@ struct StepGemm {
     }
 };
 
-// xp [T, B, 4H] (x w_x + b), h0 and c0 [B, H], w_h [H, 4H], reset [T, B] bool -> the outputs, the
-// cell states, tanh of them and the gates' activations, each [T, B, ...]
-std::vector<at::Tensor> lstm_forward(at::Tensor xp, at::Tensor h0, at::Tensor c0, at::Tensor w_h, at::Tensor reset,
-                                     bool use_packed) {
+// xp [T, B, 4H] (x w_x), bias [4H], h0 and c0 [B, H], w_h [H, 4H], reset [T, B] bool -> the
+// outputs, the cell states, tanh of them, the gates' activations and the h entering each step
+// (reset rows zeroed: what the weights' gradient multiplies), each [T, B, ...]
+std::vector<at::Tensor> lstm_forward(at::Tensor xp, at::Tensor bias, at::Tensor h0, at::Tensor c0, at::Tensor w_h,
+                                     at::Tensor reset, bool use_packed) {
     const int64_t T = xp.size(0), B = xp.size(1), G = xp.size(2), H = G / 4;
     TORCH_CHECK(xp.scalar_type() == at::kFloat && xp.device().is_cpu(), "lstm_forward: float32 CPU tensors only");
     h0 = h0.contiguous(); c0 = c0.contiguous(); reset = reset.contiguous();
-    xp = xp.contiguous();
+    xp = xp.contiguous(); bias = bias.contiguous();
     auto gates = at::empty({T, B, G}, xp.options());
     auto cout = at::empty({T, B, H}, xp.options()), tcs = at::empty({T, B, H}, xp.options()),
-         hout = at::empty({T, B, H}, xp.options());
-    auto hbuf = at::empty({B, H}, xp.options()), cbuf = at::empty({B, H}, xp.options());
+         hout = at::empty({T, B, H}, xp.options()), hins = at::empty({T, B, H}, xp.options());
+    auto cbuf = at::empty({B, H}, xp.options());
     const bool *rs = reset.data_ptr<bool>();
-    float *hb = hbuf.data_ptr<float>(), *cb = cbuf.data_ptr<float>();
+    float *cb = cbuf.data_ptr<float>();
     float *gp = gates.data_ptr<float>(), *cp = cout.data_ptr<float>(), *tp = tcs.data_ptr<float>(),
-          *hp = hout.data_ptr<float>();
-    const float *xpp = xp.data_ptr<float>();
+          *hp = hout.data_ptr<float>(), *ip = hins.data_ptr<float>();
+    const float *xpp = xp.data_ptr<float>(), *bp = bias.data_ptr<float>();
     StepGemm gemm(B, w_h, false, use_packed);
     for (int64_t t = 0; t < T; t++) {
         const float *hsrc = t ? hp + (t - 1) * B * H : h0.data_ptr<float>();
         const float *csrc = t ? cp + (t - 1) * B * H : c0.data_ptr<float>();
-        const float *hin = entering(hsrc, hb, rs + t * B, B, H);
+        float *hin = ip + t * B * H;
+        enter_into(hsrc, hin, rs + t * B, B, H);
         const float *cin = entering(csrc, cb, rs + t * B, B, H);
         float *g = gp + t * B * G;
         gemm(hin, g);
         at::parallel_for(0, B, grain(H), [&](int64_t b0, int64_t b1) {
-            step_forward(b0, b1, H, g, xpp + t * B * G, cin, cp + t * B * H, tp + t * B * H, hp + t * B * H);
+            step_forward(b0, b1, H, g, xpp + t * B * G, bp, cin, cp + t * B * H, tp + t * B * H, hp + t * B * H);
         });
     }
-    return {hout, cout, tcs, gates};
+    return {hout, cout, tcs, gates, hins};
 }
 
 // the gradients arriving at the outputs (dout [T, B, H], or empty) and the final state -> the
