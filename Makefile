@@ -52,8 +52,8 @@ sweeps: $(STAMP)
 
 # kernel benchmark: every backend's kernels vs its native no-reset layer, matmul peaks
 # (ARGS="--cells lstm,gru" adds the GRU rows)
-# (results/tables/kernels.csv, matmul.csv, results/figures/kernels.png; with ARGS="--cells lstm,gru" and the
-# peers extra it took 25 min on 2 CPU cores before the cpp kernel was added)
+# (results/tables/kernels.csv, matmul.csv, results/figures/kernels.png; with ARGS="--cells lstm,gru
+# --densities 0,0.03,0.1,0.3 --rounds 3" and the peers extra it took 25 min on 2 CPU cores)
 kernels: $(STAMP)
 	$(PY) -m benchmarks.kernels $(ARGS)
 
