@@ -102,9 +102,10 @@ class TorchBackend(Backend):
             if gaps:
                 raise ConfigError("backend.kernel", "cpp", f"needs {', '.join(gaps)} to build its C++ extension")
         kernel_name = KERNEL_NAMES[kernel]
-        if kernel == "fused" and fused_implementation(spec.cell, self.dev) != "rewrite":
+        implementation = fused_implementation(spec.cell, self.dev) if kernel == "fused" else "rewrite"
+        if implementation != "rewrite":
             # the C++ loop (LSTM, CPU) or bptt (no fused op for the cell here) runs: recorded as such
-            kernel_name = f"torch.fused.{fused_implementation(spec.cell, self.dev)}"
+            kernel_name = f"torch.fused.{implementation}"
         self.kernel = kernel_name.replace("{CELL}", spec.cell.upper())
         self._compiled = "compile" in (self.kernel_option, self.eval_kernel)
         self._loop = _compiled_loop(spec.cell) if self._compiled else None    # None: the eager loop

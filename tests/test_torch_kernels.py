@@ -12,7 +12,8 @@ pytest.importorskip("torch")
 
 from backends.base import Batch, ModelSpec, OptimizerSpec  # noqa: E402
 from benchmarks import registry  # noqa: E402
-from tests.helpers import check_parity, make_backend, mid_reset_batches, random_state, tiny_weights  # noqa: E402
+from tests.helpers import (assert_close, check_parity, layer_case, make_backend, mid_reset_batches, random_state,  # noqa: E402
+                           tiny_weights)
 
 SPEC = ModelSpec(embed=6, hidden=8, layers=2)
 SGD = OptimizerSpec("sgd", lr=0.5)
@@ -211,16 +212,14 @@ def test_fused_records_what_it_runs():
     assert lstm.kernel == "torch.fused.cpp"
 
 
-def _lstm_window(reset_rows, dtype=None):
-    """A float32 LSTM window (B=3, T=7, E=4, H=16) with the given reset rows, weights and state."""
+def _lstm_window(resets):
+    """:func:`tests.helpers.layer_case` (B=3, T=7, H=16) as float32 torch tensors for the layer
+    functions: inputs, resets, one layer's weights, the state [1, B, H] each, the oracle's outputs."""
     import torch
-    rng = np.random.default_rng(7)
-    H, E = 16, 4
-    layer = {k: torch.tensor(rng.standard_normal(shape) * 0.5, dtype=torch.float32)
-             for k, shape in (("w_x", (E, 4 * H)), ("w_h", (H, 4 * H)), ("b", (4 * H,)))}
-    inp = torch.tensor(rng.standard_normal((3, 7, E)), dtype=torch.float32)
-    state = tuple(torch.tensor(rng.standard_normal((1, 3, H)), dtype=torch.float32) for _ in range(2))
-    return inp, np.array(reset_rows, bool), state, [layer]
+    inputs, reset, lw, state, (seq, h, c) = layer_case(7, "lstm", 3, 7, resets)
+    layers = [{k: torch.from_numpy(v) for k, v in lw.items()}]
+    return (torch.from_numpy(inputs), reset, tuple(torch.from_numpy(s[None]).float() for s in state), layers,
+            (seq, h, c))
 
 
 def test_fused_runs_the_cpp_loop_on_windows_with_mid_window_resets():
@@ -231,11 +230,10 @@ def test_fused_runs_the_cpp_loop_on_windows_with_mid_window_resets():
     from resetbench.torch_layers import fused_implementation, layers_fused, layers_rewrite
     assert fused_implementation("lstm", torch.device("cpu")) == "cpp"
     assert fused_implementation("lstm", torch.device("cpu"), torch.float64) == "rewrite"
-    mid = [[1, 0, 0, 1, 0, 0, 0], [0] * 7, [1, 0, 0, 0, 0, 1, 0]]
-    fresh = [[1, 0, 0, 0, 0, 0, 0], [0] * 7, [1, 0, 0, 0, 0, 0, 0]]
+    mid, fresh = ((0, 0), (0, 3), (2, 0), (2, 5)), ((0, 0), (2, 0))
     for rows, other in ((mid, lambda i, r, s, l: torch_cpp.layers_cpp("lstm", i, torch.from_numpy(r), s, l)),
                         (fresh, lambda i, r, s, l: layers_rewrite("lstm", i, r, s, l))):
-        inp, reset, state, layers = _lstm_window(rows)
+        inp, reset, state, layers, _ = _lstm_window(rows)
         got, want = layers_fused("lstm", inp, reset, state, layers), other(inp, reset, state, layers)
         for g, w in zip([got[0], *got[1]], [want[0], *want[1]]):
             assert torch.equal(g, w)
@@ -243,21 +241,20 @@ def test_fused_runs_the_cpp_loop_on_windows_with_mid_window_resets():
 
 def test_fused_keeps_the_rewrite_where_the_cpp_loop_cannot_be_built(monkeypatch):
     """No C++ compiler: one warning naming why, the kernel recorded as ``torch.fused`` (oneDNN's
-    rewrite), and a window with mid-window resets still exact (against the loop)."""
+    rewrite), and a window with mid-window resets still exact (against the oracle)."""
     import torch
     from resetbench import torch_cpp
-    from resetbench.torch_layers import layers_fused, layers_loop
+    from resetbench.torch_layers import layers_fused
     monkeypatch.setattr(torch_cpp, "_READY", None)
     monkeypatch.setattr(torch_cpp, "_EXT", None)
     monkeypatch.setattr(torch_cpp, "missing", lambda: ["a C++ compiler (c++ on PATH, or CXX)"])
     with pytest.warns(UserWarning, match="not the C\\+\\+ loop: .*missing a C\\+\\+ compiler"):
         lstm = make_backend("torch", SPEC, tiny_weights(0, SPEC), SGD, 2, kernel="fused")
     assert lstm.kernel == ("torch.fused" if torch.backends.mkldnn.is_available() else "torch.fused.bptt")
-    inp, reset, state, layers = _lstm_window([[1, 0, 0, 1, 0, 0, 0], [0] * 7, [1, 0, 0, 0, 0, 1, 0]])
-    got = layers_fused("lstm", inp, reset, state, layers)
-    want = layers_loop("lstm", inp, torch.from_numpy(reset), state, layers)
-    for g, w in zip([got[0], *got[1]], [want[0], *want[1]]):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    inp, reset, state, layers, want = _lstm_window(((0, 0), (0, 3), (2, 0), (2, 5)))
+    out, (h, c) = layers_fused("lstm", inp, reset, state, layers)
+    for g, w in zip((out, h[0], c[0]), want):                       # against the float64 oracle
+        assert_close(g.detach().numpy(), w, "fused without the C++ loop")
 
 
 def test_fused_rows_benchmark_reports_each_shape(capsys):

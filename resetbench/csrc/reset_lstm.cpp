@@ -125,15 +125,11 @@ static void enter_into(const float *src, float *dst, const bool *rt, int64_t B, 
     }
 }
 
-// the state entering step t: src [B,H] with the rows of reset[t] zeroed (into buf if any)
+// the state entering step t: src [B,H] itself where no row resets, else a copy in buf with the rows
+// of reset[t] zeroed
 static const float *entering(const float *src, float *buf, const bool *rt, int64_t B, int64_t H) {
-    bool any = false;
-    for (int64_t b = 0; b < B; b++) any |= rt[b];
-    if (!any) return src;
-    for (int64_t b = 0; b < B; b++) {
-        if (rt[b]) std::memset(buf + b * H, 0, H * sizeof(float));
-        else std::memcpy(buf + b * H, src + b * H, H * sizeof(float));
-    }
+    if (std::none_of(rt, rt + B, [](bool r) { return r; })) return src;
+    enter_into(src, buf, rt, B, H);
     return buf;
 }
 
