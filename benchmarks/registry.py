@@ -132,6 +132,14 @@ def study_experiments() -> list:
     return [group_config("study", n)["experiment"] for n in names]
 
 
+def sweep_experiments() -> list:
+    """The experiments ``make sweeps`` runs, one after another: every file of ``conf/experiment/``
+    but the ``_debug`` twins (the tests run those) and the study plans' experiments (``make study``
+    runs them through :mod:`benchmarks.study`). A new experiment file joins it by existing."""
+    study = set(study_experiments())
+    return [n for n in group_options("experiment") if not n.endswith("_debug") and n not in study]
+
+
 def default_cell() -> str:
     """``model.cell`` of ``conf/config.yaml``: the cell a run trains unless told otherwise."""
     with open(os.path.join(CONF_DIR, "config.yaml")) as fh:
@@ -258,3 +266,11 @@ def build_backend(cfg: Mapping[str, Any], spec: ModelSpec, weights: Mapping, opt
         raise ConfigError("backend.kernel", options["kernel"],
                           kernel_missing_reason(cfg, options["kernel"]))
     return backend_class(cfg)(spec, weights, optimizer, batch_size, device=device, **options, **facts)
+
+
+if __name__ == "__main__":
+    # ``python -m benchmarks.registry sweeps``: the experiment names, one per line (for the Makefile)
+    import sys
+    if sys.argv[1:] != ["sweeps"]:
+        raise SystemExit("usage: python -m benchmarks.registry sweeps")
+    print("\n".join(sweep_experiments()))

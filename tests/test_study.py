@@ -86,3 +86,20 @@ def test_study_experiments_come_from_the_plans():
     plans = [n for n in registry.group_options("study") if not n.endswith("_debug")]
     assert plots.STUDIES == tuple(registry.group_config("study", n)["experiment"] for n in plans)
     assert "study_verses" in plots.STUDIES and all(e in registry.group_options("experiment") for e in plots.STUDIES)
+
+
+def test_sweep_experiments_come_from_conf_and_the_makefile_uses_them():
+    """``make sweeps`` runs every experiment file but the debug twins and the study's, derived
+    from conf/experiment/ (a new experiment is one yaml file), through ``benchmarks.registry``."""
+    names = registry.sweep_experiments()
+    files = registry.group_options("experiment")
+    assert {"compare", "peers", "waste", "window_chapters"} <= set(names)
+    assert not any(n.endswith("_debug") or n in registry.study_experiments() for n in names)
+    assert set(names) | set(registry.study_experiments()) == {n for n in files if not n.endswith("_debug")}
+    assert all(f"{n}_debug" in files for n in names), "every sweep has a debug twin the tests run"
+    out = subprocess.run([sys.executable, "-m", "benchmarks.registry", "sweeps"], cwd=registry.ROOT,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == names
+    with open(os.path.join(registry.ROOT, "Makefile")) as fh:
+        recipe = fh.read().split("\nsweeps:")[1].split("\n\n")[0]
+    assert "-m benchmarks.registry sweeps" in recipe and "compare" not in recipe
