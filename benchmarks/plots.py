@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -466,7 +466,18 @@ def _density_lines(ax, rows: pd.DataFrame, column: str, shapes, colors: Dict) ->
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlim(0, rows["density"].max() * 100 * 1.1 + 0.1)
     ax.set_xlabel("reset density (% of positions)")
-    ax.legend(fontsize=7)
+
+
+def _shared_legend(fig, axes) -> None:
+    """One legend for the density panels (they draw the same kernels in the same colours), under
+    the figure in four columns: 20-30 lines would hide the data inside an axes."""
+    handles: Dict[str, Any] = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=4, fontsize=7, frameon=False)
 
 
 def _peak_panel(ax, ker: pd.DataFrame, mm: pd.DataFrame) -> None:
@@ -502,7 +513,6 @@ def _ratio_panel(ax, rows: pd.DataFrame, shapes, colors: Dict, scope: str, ylabe
     ax.axhline(0.9, color="red", lw=0.8, ls="--", label="target 0.9x")
     ax.set_ylabel(ylabel)
     ax.set_title(f"Cost of per-sample resets ({scope})")
-    ax.legend(fontsize=7)
 
 
 def kernels_figure(kernels, matmul, path: str) -> str:
@@ -542,6 +552,7 @@ def kernels_figure(kernels, matmul, path: str) -> str:
             ax.set_title("Backends without a native kernel: tokens/s")
         else:
             _peak_panel(ax, ker, mm)
+    _shared_legend(fig, [ax for ax, panel in zip(axes[0], panels) if panel != "peak"])
     return _save(fig, path)
 
 
