@@ -39,12 +39,12 @@ tables: $(STAMP)
 	$(PY) -m benchmarks.results results/runs --latest --experiments all
 
 # the fair study: tune learning rates per strategy, then every strategy x backend x seed, for the
-# LSTM and the GRU (about two and a half hours on 2 CPU cores); then make tables plots. Each plan
-# takes its own options (chapters reuses the verses plan's tuned rates), so they are listed here
+# LSTM and the GRU (about two and a half hours on 2 CPU cores); then make tables plots. The plans
+# come from conf/study/ in the order python -m benchmarks.registry studies gives (a plan that
+# reuses another's tuned rates, lr_from, runs after it)
 study: $(STAMP)
-	$(PY) -m benchmarks.study conf/study/verses.yaml
-	$(PY) -m benchmarks.study conf/study/chapters.yaml --phase final --lr-from verses
-	$(PY) -m benchmarks.study conf/study/verses_gru.yaml
+	plans=$$($(PY) -m benchmarks.registry studies) || exit $$?; \
+	for p in $$plans; do $(PY) -m benchmarks.study conf/study/$$p.yaml || exit $$?; done
 
 # every experiment sweep but the study's, one job at a time (the names come from conf/experiment/:
 # python -m benchmarks.registry sweeps; about an hour on 2 CPU cores); then make tables plots

@@ -132,6 +132,30 @@ def study_experiments() -> list:
     return [group_config("study", n)["experiment"] for n in names]
 
 
+def study_plans() -> list:
+    """The study plans of ``conf/study/`` (not their ``_debug`` twins) in the order ``make study``
+    runs them: a plan whose final runs take another plan's tuned rates (``lr_from``) after that
+    plan, the others by name."""
+    plans = {n: group_config("study", n).get("lr_from") for n in group_options("study") if not n.endswith("_debug")}
+    order: list = []
+
+    def visit(name: str, path: tuple) -> None:
+        if name in order:
+            return
+        if name in path:
+            raise ConfigError("lr_from", name, f"conf/study/: plans take their rates from each other in a cycle "
+                              f"({' -> '.join(path + (name,))})")
+        if name not in plans:
+            raise ConfigError("lr_from", name, f"conf/study/{path[-1]}.yaml names no plan of conf/study/ "
+                              f"(allowed: {', '.join(plans)})")
+        if plans[name]:
+            visit(plans[name], path + (name,))
+        order.append(name)
+    for name in plans:
+        visit(name, ())
+    return order
+
+
 def sweep_experiments() -> list:
     """The experiments ``make sweeps`` runs, one after another: every file of ``conf/experiment/``
     but the ``_debug`` twins (the tests run those) and the study plans' experiments (``make study``
@@ -269,8 +293,12 @@ def build_backend(cfg: Mapping[str, Any], spec: ModelSpec, weights: Mapping, opt
 
 
 if __name__ == "__main__":
-    # ``python -m benchmarks.registry sweeps``: the experiment names, one per line (for the Makefile)
+    # ``python -m benchmarks.registry sweeps|studies``: the names, one per line (for the Makefile)
     import sys
-    if sys.argv[1:] != ["sweeps"]:
-        raise SystemExit("usage: python -m benchmarks.registry sweeps")
-    print("\n".join(sweep_experiments()))
+    lists = {"sweeps": sweep_experiments, "studies": study_plans}
+    if len(sys.argv) != 2 or sys.argv[1] not in lists:
+        raise SystemExit(f"usage: python -m benchmarks.registry {'|'.join(lists)}")
+    try:
+        print("\n".join(lists[sys.argv[1]]()))
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}")

@@ -13,6 +13,11 @@ plan (a yaml file in ``conf/study/``):
 3. **final**: for each strategy, a sweep over the plan's backends and seeds at that rate,
    evaluated on the eval split, with periodic evaluations and eval-loss targets (time to target).
 
+A plan with ``lr_from: <other plan>`` has no tuning of its own: its final phase takes the rates the
+other plan's tuning chose (``study_lr_<other>.csv``), so ``--phase all`` runs the final phase only
+(``conf/study/chapters.yaml`` reuses the verses rates; tuning again would double the study's
+time). ``--lr-from`` on the command line does the same for any plan.
+
 Each strategy carries its own overrides (``strategies:`` in the plan) so that every strategy
 trains on about the same number of valid tokens per optimizer step. Every job runs in a process of
 its own through ``run.py -m`` (one after another). The study's runs are collected like any sweep
@@ -44,6 +49,9 @@ def load_plan(path: str) -> Dict[str, Any]:
     missing = [k for k in need if k not in plan]
     if missing:
         raise SystemExit(f"error: {path}: missing {', '.join(missing)} (see conf/study/verses.yaml)")
+    source = plan.get("lr_from")
+    if source is not None and not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(path)), f"{source}.yaml")):
+        raise SystemExit(f"error: {path}: lr_from={source!r}: no plan {source}.yaml beside it")
     return plan
 
 
@@ -107,15 +115,16 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default=os.path.join(ROOT, "results", "runs"), help="where the sweeps go")
     ap.add_argument("--tables", default=os.path.join(ROOT, "results", "tables"), help="where study_lr.csv goes")
     ap.add_argument("--lr-from", default=None, metavar="PLAN", help="final phase: the rates chosen by another "
-                    "plan's tuning (its study_lr_PLAN.csv), instead of this plan's")
+                    "plan's tuning (its study_lr_PLAN.csv), instead of this plan's (default: the plan's lr_from)")
     ap.add_argument("--dry-run", action="store_true", help="print the sweeps, run nothing")
     args = ap.parse_args(argv)
     plan = load_plan(args.plan)
+    lr_from = args.lr_from or plan.get("lr_from")
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     root = os.path.join(args.root, f"study_{plan['name']}_{stamp}")
     lr_path = os.path.join(args.tables, f"study_lr_{plan['name']}.csv")
     t0 = time.perf_counter()
-    if args.phase in ("tune", "all"):
+    if args.phase == "tune" or (args.phase == "all" and not lr_from):
         dirs = run_sweeps(plan, "tune", root, {}, args.dry_run)
         if not args.dry_run:
             runs, _, _, _ = collect_many(dirs)
@@ -124,7 +133,7 @@ def main(argv=None) -> int:
             table.to_csv(lr_path, index=False, float_format="%.6g")
             print(table.to_string(index=False))
     if args.phase in ("final", "all"):
-        source = os.path.join(args.tables, f"study_lr_{args.lr_from}.csv") if args.lr_from else lr_path
+        source = os.path.join(args.tables, f"study_lr_{lr_from}.csv") if lr_from else lr_path
         if args.dry_run and not os.path.isfile(source):
             rates = {s: plan["lr_grid"][0] for s in plan["strategies"]}
         elif not os.path.isfile(source):

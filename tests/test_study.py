@@ -52,7 +52,8 @@ def test_learning_rate_rule_is_the_lowest_median_validation_loss():
 
 @pytest.mark.slow
 def test_debug_studies_run_end_to_end(tmp_path):
-    """verses_debug: tune and final; chapters_debug: final at the verses rates; verses_gru_debug
+    """verses_debug: tune and final; chapters_debug: final at the verses rates (its plan's
+    ``lr_from``, so no flags: what ``make study`` runs); verses_gru_debug
     (the GRU): tune and final; then the tables, the ranking (every strategy, time to target) and
     the curves."""
     from benchmarks.plots import load_tables
@@ -61,13 +62,14 @@ def test_debug_studies_run_end_to_end(tmp_path):
     tables, root = tmp_path / "tables", tmp_path / "runs"
     base = [sys.executable, "-m", "benchmarks.study", "--root", str(root), "--tables", str(tables)]
     for args in (["conf/study/verses_debug.yaml"],
-                 ["conf/study/chapters_debug.yaml", "--phase", "final", "--lr-from", "verses_debug"],
+                 ["conf/study/chapters_debug.yaml"],
                  ["conf/study/verses_gru_debug.yaml"]):
         r = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
     for plan in ("verses_debug", "verses_gru_debug"):
         lr = pd.read_csv(tables / f"study_lr_{plan}.csv")
         assert lr.groupby("strategy")["chosen"].sum().eq(1).all() and len(lr) == 8
+    assert not (tables / "study_lr_chapters_debug.csv").exists()       # lr_from: no tuning of its own
     assert collect_main([str(root), "--out", str(tables), "--no-lengths"]) == 0
     t = load_tables(str(tables))
     runs = t["runs"]
@@ -103,3 +105,26 @@ def test_sweep_experiments_come_from_conf_and_the_makefile_uses_them():
     with open(os.path.join(registry.ROOT, "Makefile")) as fh:
         recipe = fh.read().split("\nsweeps:")[1].split("\n\n")[0]
     assert "-m benchmarks.registry sweeps" in recipe and "compare" not in recipe
+
+
+def test_study_plans_run_after_the_plan_whose_rates_they_take(tmp_path, monkeypatch):
+    """``make study`` order (``registry.study_plans``): a plan with ``lr_from`` after that plan;
+    an unknown plan or a cycle is a one-line error, before anything runs."""
+    order = registry.study_plans()
+    assert sorted(order) == sorted(n for n in registry.group_options("study") if not n.endswith("_debug"))
+    assert order.index("verses") < order.index("chapters")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.registry", "studies"], cwd=ROOT, capture_output=True,
+                       text=True, check=True)
+    assert r.stdout.split() == order
+    with open(os.path.join(ROOT, "Makefile")) as fh:
+        recipe = fh.read().split("\nstudy:")[1].split("\n\n")[0]
+    assert "-m benchmarks.registry studies" in recipe and "verses" not in recipe
+    for plans, problem in (({"a": "b", "b": "a"}, "cycle"), ({"a": "nope"}, "names no plan")):
+        monkeypatch.setattr(registry, "group_options", lambda group, plans=plans: sorted(plans))
+        monkeypatch.setattr(registry, "group_config", lambda group, name, plans=plans: {"lr_from": plans[name]})
+        with pytest.raises(registry.ConfigError, match=problem):
+            registry.study_plans()
+    bad = tmp_path / "plan.yaml"
+    bad.write_text(open(os.path.join(ROOT, "conf", "study", "chapters.yaml")).read().replace("lr_from: verses", "lr_from: nope"))
+    with pytest.raises(SystemExit, match="lr_from='nope': no plan nope.yaml"):
+        study.load_plan(str(bad))
