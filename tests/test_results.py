@@ -17,7 +17,7 @@ import pytest
 
 pd = pytest.importorskip("pandas")    # the analysis extra: pip install -e '.[analysis]'
 
-from benchmarks import results
+from benchmarks import registry, results
 from benchmarks.targets import AXES, time_to_targets  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,6 +102,19 @@ def _sweep(root, name):
     return path
 
 
+def study_shapes(backends):
+    """(experiment, backends, data unit, cell) of every study plan of conf/study/ (not the debug
+    twins): fabricated study runs take their names and shapes from the plans, as real ones do."""
+    out = []
+    for name in registry.study_plans():
+        plan = registry.group_config("study", name)
+        exp = registry.group_config("experiment", plan["experiment"])
+        units = tuple(b for b in backends if b in plan["backends"]) or tuple(backends[:1])
+        out.append((plan["experiment"], units, (exp.get("data") or {}).get("unit"),
+                    (exp.get("model") or {}).get("cell") or registry.default_cell()))
+    return out
+
+
 def fabricate_study(root, backends=("torch", "jax", "keras"), seeds=(0, 1)):
     """A results tree with the experiments (compare, compare_gru, waste, window, the studies and
     window_chapters), all runs completed.
@@ -135,15 +148,14 @@ def fabricate_study(root, backends=("torch", "jax", "keras"), seeds=(0, 1)):
         fabricate_run(os.path.join(sweep, f"{n}_torch_packed_T{window}_s0"), experiment="window", window=window)
         n += 1
     counts["window"] = n
-    for study, units in (("study_verses", backends), ("study_chapters", ("torch",)), ("study_verses_gru", ("torch",))):
+    for study, units, unit, cell in study_shapes(backends):
         sweep, n = _sweep(root, study), 0
         for backend in units:
             for strategy in ("padded", "packed"):
                 for seed in seeds:
                     fabricate_run(os.path.join(sweep, f"{n}_{backend}_{strategy}_s{seed}"), experiment=study,
                                   backend=backend, strategy=strategy, seed=seed, heldout="eval",
-                                  targets=(5.0, 4.9), unit="chapter" if study == "study_chapters" else None,
-                                  cell="gru" if study.endswith("_gru") else "lstm")
+                                  targets=(5.0, 4.9), unit=unit, cell=cell)
                     n += 1
         counts[study] = n
     sweep, n = _sweep(root, "window_chapters"), 0
