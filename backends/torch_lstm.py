@@ -201,10 +201,10 @@ class TorchBackend(Backend):
         if clip is None:
             return
         grads = [p.grad for p in self.p.values() if p.grad is not None]
-        # the per-tensor norms and the scaling as one multi-tensor op each (the ops clip_grad_norm_
-        # uses; its coefficient adds an epsilon, the contract's does not): a fixed cost per step
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        torch._foreach_mul_(grads, clip / torch.clamp(norm, min=clip))
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        scale = clip / torch.clamp(norm, min=clip)
+        for g in grads:
+            g.mul_(scale)
 
     # -- protocol ------------------------------------------------------------------------------
     def train_step(self, batch: Batch) -> torch.Tensor:
